@@ -1,0 +1,221 @@
+"""`python -m sweeper`: one trial, or a sweep with `-m` (Hydra multirun).
+
+Before Hydra starts, every override (every combination, for a grid) is composed against the
+schema, so a typo or a value of the wrong type is one line on stderr and exit status 2, in
+seconds, with no model loaded. Ranges and engine support are checked there too for a single
+trial; in a sweep they are checked per trial, so one bad trial is recorded FAILED and the others
+still run. The exit status is 1 when any trial failed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+# Quiet by default: no hub progress bars, no telemetry, no tokenizer fork warnings.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from sweeper.config import ConfigError, register_configs  # noqa: E402
+from sweeper.metrics import HEADLINE_METRICS  # noqa: E402
+
+register_configs()
+
+CONFIG_MODULE = "sweeper.conf"
+# Flags that only print something (help, config, info): no preflight for them.
+_INFO_FLAGS = ("-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c", "--version")
+_MAX_PREFLIGHT_COMBINATIONS = 1024
+
+# Trial failures in this process (the sweep callback also counts those of other processes).
+failed_trials: list[str] = []
+
+
+class BadInput(Exception):
+    """A one-line message for the user; the CLI prints it and exits with status 2."""
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    import mlflow  # noqa: F401  (configures its loggers on import; quieten them after)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("mlflow", "alembic", "httpx", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _group_options(group: str) -> list[str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    return sorted(o for o in loader.get_group_options(group) if not o.endswith("_schema"))
+
+
+def _known_keys(cfg: DictConfig, key: str) -> str:
+    parent, _, _ = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return "none"
+    return ", ".join(f"{parent}.{k}" if parent else str(k) for k in node)
+
+
+def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
+    """One line naming the key, the value and what is allowed, from a composition error."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    text = str(error)
+    values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    if isinstance(error, MissingConfigException):
+        found = re.search(r"Could not find '([^']+)/([^']+)'", text)
+        if found:
+            group, option = found.groups()
+            allowed = ", ".join(_group_options(group))
+            return f"invalid value for '{group}': '{option}' (allowed: {allowed})"
+    cause = error.__cause__ or error
+    match = re.search(r"(?:override|merging override) '?([\w.\-/]+)'?", text)
+    key = match.group(1).split("=", 1)[0] if match else "?"
+    value = values.get(key, "?")
+    if isinstance(cause, ConfigKeyError) or "not in struct" in str(cause):
+        return f"unknown key '{key}' (value '{value}'); known keys here: {_known_keys(base, key)}"
+    if isinstance(cause, ValidationError):
+        expected = re.search(r"converted to (\w+)", str(cause))
+        kind = expected.group(1).lower() if expected else "the declared type"
+        return f"invalid value for '{key}': '{value}' (allowed: a value of type {kind})"
+    return text.splitlines()[0]
+
+
+def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override lists of the trials a grid expands to (one list for a single trial)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        raise BadInput(f"cannot parse overrides: {str(error).splitlines()[0]}") from None
+    # Hydra's own keys are Hydra's business; interval sweeps belong to the Optuna sweeper.
+    own = [o for o in parsed if not o.is_hydra_override() and not o.is_interval_sweep()]
+    if not multirun:
+        return [[o.input_line for o in own]]
+    batches = BasicSweeper.split_arguments(own, None)
+    combos = batches[0] if batches else [[]]
+    return combos[:_MAX_PREFLIGHT_COMBINATIONS]
+
+
+def preflight(args: list[str]) -> None:
+    """Compose every trial the command line asks for; raise BadInput on the first bad one."""
+    from hydra import compose, initialize_config_module
+
+    multirun = "-m" in args or "--multirun" in args
+    overrides = [a for a in args if not a.startswith("-")]
+    with initialize_config_module(CONFIG_MODULE, version_base=None):
+        base = compose("config")
+        for combo in _combinations(overrides, multirun):
+            try:
+                cfg = compose("config", overrides=combo)
+            except Exception as error:
+                raise BadInput(_explain(error, combo, base)) from None
+            if not multirun:
+                check_values(cfg)
+
+
+def check_values(cfg: DictConfig) -> Any:
+    """Ranges, paths and engine support; returns the validated TrialConfig."""
+    from sweeper.trial import check_trial
+
+    try:
+        trial = OmegaConf.to_object(cfg)
+        check_trial(trial)
+    except ConfigError as error:
+        raise BadInput(str(error)) from None
+    return trial
+
+
+def _run_name() -> str:
+    hydra_cfg = HydraConfig.get()
+    overrides = " ".join(hydra_cfg.overrides.task) or "defaults"
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return f"trial-{hydra_cfg.job.num}: {overrides}"
+    return overrides
+
+
+def execute(cfg: DictConfig) -> dict[str, float] | None:
+    """The Hydra task: one trial, tracked in MLflow. Returns its metrics, or None if it failed."""
+    from tqdm.auto import tqdm
+
+    from sweeper.reports.tables import show, trial_table
+    from sweeper.tracking.log import log_result
+    from sweeper.tracking.store import flatten, git_commit, trial_run, ui_command, use_store
+    from sweeper.trial import run_trial
+
+    _quiet_libraries()
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    use_store(cfg.tracking.uri, cfg.tracking.artifact_location, cfg.experiment_name)
+    name = _run_name()
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    tags = {
+        "hydra_overrides": " ".join(hydra_cfg.overrides.task),
+        "git_commit": git_commit(),
+        "hydra_job_num": str(hydra_cfg.job.num) if multirun else "",
+    }
+    bar = None
+    try:
+        with trial_run(name, params, tags):
+            trial = check_values(cfg)
+            bar = tqdm(desc=name[:40], unit="q", leave=False, dynamic_ncols=True)
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = run_trial(trial, progress)
+            bar.close()
+            log_result(result, OmegaConf.to_yaml(cfg, resolve=True))
+    except Exception as error:
+        if bar is not None:
+            bar.close()
+        failed_trials.append(name)
+        print(f"sweeper: trial '{name}' failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
+    if multirun:
+        headline = ", ".join(f"{k}={result.metrics[k]:.4g}" for k in HEADLINE_METRICS)
+        print(f"[{name}] {headline}")
+    else:
+        show(trial_table(f"sweeper trial: {name}", result.metrics))
+        print(f"MLflow: experiment '{cfg.experiment_name}' in {cfg.tracking.uri}")
+        print(f"  view: {ui_command(cfg.tracking.uri)}")
+    return result.metrics
+
+
+@hydra.main(version_base=None, config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
+def _hydra_entry(cfg: DictConfig) -> dict[str, float] | None:
+    return execute(cfg)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not any(a in _INFO_FLAGS or a.startswith("--cfg") for a in args):
+        try:
+            preflight(args)
+        except BadInput as error:
+            print(f"sweeper: error: {error}", file=sys.stderr)
+            sys.exit(2)
+    from sweeper.tracking import callback
+
+    _hydra_entry()
+    if failed_trials or callback.failed_in_last_sweep:
+        sys.exit(1)

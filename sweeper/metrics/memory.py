@@ -1,0 +1,130 @@
+"""Peak memory of a trial, sampled by a background thread.
+
+`peak_mem_gb` holds, by what the machine offers (the `peak_mem_source` tag says which):
+- `nvml_process`: on a GPU, the peak of the GPU memory NVML reports for this process and its
+  children (vLLM runs its engine in child processes);
+- `nvml_device_delta`: in containers NVML reports host PIDs, so no process matches; then the
+  peak rise of the device's used memory over its pre-trial baseline;
+- `rss_process_tree`: on CPU, the peak resident memory of this process and its children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+
+import psutil
+
+GB = 1024**3
+
+
+@dataclass
+class MemoryReport:
+    peak_mem_gb: float
+    source: str
+    samples: int
+    torch_peak_allocated_gb: float | None = None
+    torch_peak_reserved_gb: float | None = None
+
+
+def _process_tree_pids() -> set[int]:
+    me = psutil.Process(os.getpid())
+    return {me.pid, *(child.pid for child in me.children(recursive=True))}
+
+
+def _rss_of_tree() -> int:
+    total = 0
+    me = psutil.Process(os.getpid())
+    for process in (me, *me.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):  # a child that exited while we read
+            total += process.memory_info().rss
+    return total
+
+
+class _NvmlReader:
+    """GPU memory of this process tree on the CUDA device in use, or the device's rise."""
+
+    def __init__(self, device_index: int):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        # CUDA_VISIBLE_DEVICES renumbers devices; NVML sees physical indices.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible and visible.split(",")[device_index].strip().isdigit():
+            device_index = int(visible.split(",")[device_index])
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        self.baseline = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+
+    def process_bytes(self) -> int | None:
+        pids = _process_tree_pids()
+        used = [
+            p.usedGpuMemory
+            for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+            if p.pid in pids and p.usedGpuMemory is not None
+        ]
+        return sum(used) if used else None
+
+    def device_rise_bytes(self) -> int:
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used - self.baseline
+
+
+class PeakMemoryTracker:
+    """`with PeakMemoryTracker(device) as tracker: ...` then `tracker.report()`."""
+
+    def __init__(self, device: str, interval_s: float = 0.02):
+        self.device = device
+        self.interval_s = interval_s  # 50 Hz: the issue asks for at least 20 samples a second
+        self._stop = threading.Event()
+        self._peak = 0
+        self._samples = 0
+        self._source = "rss_process_tree"
+        self._nvml: _NvmlReader | None = None
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> int:
+        if self._nvml is None:
+            return _rss_of_tree()
+        own = self._nvml.process_bytes()
+        if own is not None:
+            self._source = "nvml_process"
+            return own
+        self._source = "nvml_device_delta"
+        return self._nvml.device_rise_bytes()
+
+    def _sample(self) -> None:
+        self._peak = max(self._peak, self._read())
+        self._samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> PeakMemoryTracker:
+        if self.device.startswith("cuda"):
+            import torch
+
+            index = torch.device(self.device).index or 0
+            self._nvml = _NvmlReader(index)
+            torch.cuda.reset_peak_memory_stats(index)
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="sweeper-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def report(self) -> MemoryReport:
+        report = MemoryReport(self._peak / GB, self._source, self._samples)
+        if self._nvml is not None:
+            import torch
+
+            report.torch_peak_allocated_gb = torch.cuda.max_memory_allocated() / GB
+            report.torch_peak_reserved_gb = torch.cuda.max_memory_reserved() / GB
+        return report

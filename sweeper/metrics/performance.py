@@ -1,0 +1,91 @@
+"""The performance metrics every engine reports, defined once.
+
+Per request (one question; with num_samples > 1, all its sequences):
+- `preprocess_s`: image decode + processor (chat template, image patches, tokens). Decoding runs
+  ahead in a prefetch thread; its time is still the sample's own.
+- `prefill_s`: from model inputs ready until the logits of the first generated token exist
+  (the prompt's forward pass; for a batch, the wall time of the batch's prefill).
+- `context_load_s` = `preprocess_s` + `prefill_s`.
+- `ttft_s`: from submission to the engine until the request's first generated token is on the
+  host (device synchronised). Submission is when the engine receives the request's batch (static
+  batching) or the request (continuous batching); queueing behind other batches is not included
+  for static batches, since a static server would not have accepted the request yet.
+- `tpot_s`: (time of the last token - time of the first token) / (tokens - 1) over the request's
+  longest sequence; requests with a single output token have none.
+- `output_tokens`: generated tokens of all returned sequences, up to and including the EOS token,
+  never padding or anything after EOS.
+
+Per trial:
+- `tps`: output tokens of all requests / wall time of the generation phase (all batches,
+  preprocessing included, warm-up and calibration excluded).
+- means and p50/p90/p99 of `ttft_s`; means of the rest.
+- `batch_efficiency` = requests/s at batch_size / (batch_size x requests/s one at a time), both
+  on the same calibration slice; `batch_speedup` is the ratio without dividing by batch_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class RequestTiming:
+    preprocess_s: float
+    prefill_s: float
+    ttft_s: float
+    latency_s: float
+    tpot_s: float | None
+    prompt_tokens: int
+    output_tokens: int
+    cached_prompt_tokens: int = 0
+
+    @property
+    def context_load_s(self) -> float:
+        return self.preprocess_s + self.prefill_s
+
+
+def tpot(first_token_t: float, last_token_t: float, tokens: int) -> float | None:
+    return (last_token_t - first_token_t) / (tokens - 1) if tokens > 1 else None
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def summarize(timings: list[RequestTiming], generation_wall_s: float) -> dict[str, float]:
+    """Trial-level performance metrics from per-request timings and the phase's wall time."""
+    if not timings:
+        raise ValueError("no requests were measured")
+    ttfts = [t.ttft_s for t in timings]
+    tpots = [t.tpot_s for t in timings if t.tpot_s is not None]
+    p50, p90, p99 = np.percentile(ttfts, [50, 90, 99])
+    output_tokens = sum(t.output_tokens for t in timings)
+    prompt_tokens = sum(t.prompt_tokens for t in timings)
+    cached = sum(t.cached_prompt_tokens for t in timings)
+    return {
+        "tps": output_tokens / generation_wall_s,
+        "ttft_s": _mean(ttfts),
+        "ttft_p50_s": float(p50),
+        "ttft_p90_s": float(p90),
+        "ttft_p99_s": float(p99),
+        "tpot_s": _mean(tpots),
+        "preprocess_s": _mean([t.preprocess_s for t in timings]),
+        "prefill_s": _mean([t.prefill_s for t in timings]),
+        "context_load_s": _mean([t.context_load_s for t in timings]),
+        "latency_s": _mean([t.latency_s for t in timings]),
+        "requests_per_s": len(timings) / generation_wall_s,
+        "generation_s": generation_wall_s,
+        "output_tokens": float(output_tokens),
+        "prompt_tokens": float(prompt_tokens),
+        "prefix_cache_hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
+    }
+
+
+def batch_efficiency(
+    batched_requests_per_s: float, single_requests_per_s: float, batch_size: int
+) -> dict[str, float]:
+    speedup = batched_requests_per_s / single_requests_per_s
+    return {"batch_efficiency": speedup / batch_size, "batch_speedup": speedup}

@@ -1,0 +1,1 @@
+"""What users read after a trial or a sweep: tables, Pareto fronts, plots."""

@@ -1,0 +1,57 @@
+"""Terminal tables of the six headline metrics, for one trial and for a whole sweep."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from sweeper.metrics import HEADLINE_METRICS
+
+UNITS = {
+    "tps": "tok/s",
+    "ttft_s": "s",
+    "context_load_s": "s",
+    "peak_mem_gb": "GiB",
+    "batch_efficiency": "",
+    "accuracy": "",
+}
+
+
+def fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if value == 0 or 0.01 <= abs(value) < 100_000:
+        return f"{value:.4g}"
+    return f"{value:.3e}"
+
+
+def trial_table(title: str, metrics: Mapping[str, float]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("unit")
+    for name in HEADLINE_METRICS:
+        table.add_row(name, fmt(metrics.get(name)), UNITS[name])
+    return table
+
+
+def sweep_table(title: str, rows: Sequence[Mapping[str, object]]) -> Table:
+    """`rows`: dicts with 'trial', 'status', 'overrides' and the headline metric values."""
+    table = Table(title=title, title_justify="left")
+    for column in ("trial", "status", "overrides", *HEADLINE_METRICS):
+        table.add_column(column, justify="right" if column in HEADLINE_METRICS else "left")
+    for row in rows:
+        table.add_row(
+            str(row["trial"]),
+            str(row["status"]),
+            str(row["overrides"]),
+            *(fmt(row.get(name)) for name in HEADLINE_METRICS),  # type: ignore[arg-type]
+        )
+    return table
+
+
+def show(table: Table) -> None:
+    Console(stderr=False, width=max(100, Console().width)).print(table)

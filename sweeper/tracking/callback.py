@@ -1,0 +1,78 @@
+"""Hydra callback: a sweep is one MLflow parent run, its trials nested child runs.
+
+The parent run id reaches the trials through an environment variable, so trials that a launcher
+runs in other processes nest under it too. At the end, a table of trials x six metrics, read back
+from MLflow (so it covers every launcher), and the count of failed trials for the exit status.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from sweeper.tracking.store import PARENT_RUN_ENV, ui_command, use_store
+
+failed_in_last_sweep = 0
+
+
+def _child_rows(client: Any, experiment_id: str, parent_id: str) -> list[dict[str, Any]]:
+    from sweeper.metrics import HEADLINE_METRICS
+
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        max_results=10_000,
+    )
+    rows = []
+    for run in runs:
+        row = {
+            "trial": run.data.tags.get("hydra_job_num", ""),
+            "status": run.info.status,
+            "overrides": run.data.tags.get("hydra_overrides", ""),
+        }
+        row.update({name: run.data.metrics.get(name) for name in HEADLINE_METRICS})
+        rows.append(row)
+    return sorted(rows, key=lambda r: int(r["trial"]) if str(r["trial"]).isdigit() else 0)
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self.parent_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow import MlflowClient
+
+        self.experiment_id = use_store(
+            config.tracking.uri, config.tracking.artifact_location, config.experiment_name
+        )
+        overrides = " ".join(config.hydra.overrides.task)
+        run = MlflowClient().create_run(
+            self.experiment_id,
+            run_name=f"sweep: {overrides}",
+            tags={"sweep_dir": str(config.hydra.sweep.dir), "hydra_overrides": overrides},
+        )
+        self.parent_id = run.info.run_id
+        os.environ[PARENT_RUN_ENV] = self.parent_id
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global failed_in_last_sweep
+        from mlflow import MlflowClient
+
+        from sweeper.reports.tables import show, sweep_table
+
+        if self.parent_id is None:
+            return
+        client = MlflowClient()
+        rows = _child_rows(client, self.experiment_id, self.parent_id)
+        failed_in_last_sweep = sum(1 for row in rows if row["status"] != "FINISHED")
+        client.set_tag(self.parent_id, "trials", str(len(rows)))
+        client.set_tag(self.parent_id, "failed_trials", str(failed_in_last_sweep))
+        client.set_terminated(self.parent_id, "FINISHED")
+        os.environ.pop(PARENT_RUN_ENV, None)
+        show(sweep_table(f"sweep: {len(rows)} trials, {failed_in_last_sweep} failed", rows))
+        print(f"MLflow parent run {self.parent_id} in {config.tracking.uri}")
+        print(f"  view: {ui_command(config.tracking.uri)}")

@@ -1,0 +1,149 @@
+"""One trial: load (or reuse) the engine, stream the dataset, measure, score.
+
+Order of work, so that what is measured means what it says:
+1. warm-up: `warmup_batches` batches, never counted;
+2. calibration (batch_size > 1): the first min(calibration_samples, N) samples at batch_size,
+   then one at a time, for `batch_efficiency`;
+3. the measured run over all N samples, whose per-request timings and wall time give the
+   performance metrics and whose answers give the accuracy.
+Peak memory is sampled throughout (it is a peak: warm-up does not inflate it beyond the run).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sweeper.config import TrialConfig
+from sweeper.data import LoadedSample, VQASample, load_samples, prefetch
+from sweeper.engines import ENGINE_CACHE, Completion, DecodingParams, Engine, engine_class
+from sweeper.metrics import exact_match, majority_vote, normalize_answer, vqa_accuracy
+from sweeper.metrics.memory import PeakMemoryTracker
+from sweeper.metrics.performance import batch_efficiency, summarize
+from sweeper.prompt import extract_answer
+
+
+@dataclass
+class TrialResult:
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_trial(trial: TrialConfig) -> None:
+    """Everything that can be refused without loading a model."""
+    engine_class(trial.engine.name).check_supported(trial)
+
+
+def _answer(completion: Completion) -> str:
+    predictions = [extract_answer(text) for text in completion.texts]
+    return majority_vote(predictions) if len(predictions) > 1 else normalize_answer(predictions[0])
+
+
+def _requests_per_s(engine: Engine, items: list[LoadedSample], decoding, batch_size: int) -> float:
+    start = engine.now()
+    engine.run(items, decoding, batch_size)
+    return len(items) / (engine.now() - start)
+
+
+def _device_tags(device: str) -> dict[str, str]:
+    tags = {
+        "torch_version": torch.__version__,
+        "transformers_version": __import__("transformers").__version__,
+        "python_version": platform.python_version(),
+    }
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        tags["device_name"] = torch.cuda.get_device_name(index)
+        tags["cuda_version"] = str(torch.version.cuda)
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            tags["driver_version"] = str(pynvml.nvmlSystemGetDriverVersion())
+        except Exception as error:  # NVML missing: say so rather than guess
+            tags["driver_version"] = f"unknown ({type(error).__name__})"
+    else:
+        tags["device_name"] = platform.processor() or platform.machine()
+        tags["cuda_version"] = "cpu"
+    return tags
+
+
+def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = None) -> TrialResult:
+    """Measure one trial; `progress(done, total)` is told after each measured batch."""
+    check_trial(trial)
+    samples: list[VQASample] = load_samples(trial.dataset)
+    loaded = ENGINE_CACHE.get(trial.engine, trial.model)
+    engine = loaded.engine
+    decoding = DecodingParams.from_trial(trial)
+    depth = max(trial.dataset.prefetch, trial.batch_size)
+
+    with PeakMemoryTracker(engine.device) as memory:
+        warmup = samples[: trial.batch_size * trial.warmup_batches]
+        engine.run(prefetch(warmup, depth), decoding, trial.batch_size)
+
+        efficiency = {"batch_efficiency": 1.0, "batch_speedup": 1.0}  # exact for batch_size 1
+        if trial.batch_size > 1:
+            calibration = list(prefetch(samples[: trial.calibration_samples], depth))
+            batched = _requests_per_s(engine, calibration, decoding, trial.batch_size)
+            single = _requests_per_s(engine, calibration, decoding, 1)
+            efficiency = batch_efficiency(batched, single, trial.batch_size)
+
+        torch.manual_seed(trial.seed)
+        done = 0
+
+        def on_batch(size: int) -> None:
+            nonlocal done
+            done += size
+            if progress is not None:
+                progress(done, len(samples))
+
+        start = engine.now()
+        completions = engine.run(prefetch(samples, depth), decoding, trial.batch_size, on_batch)
+        generation_s = engine.now() - start
+
+    metrics = summarize([c.timing for c in completions], generation_s)
+    metrics.update(efficiency)
+    report = memory.report()
+    metrics["peak_mem_gb"] = report.peak_mem_gb
+    if report.torch_peak_allocated_gb is not None:
+        metrics["torch_peak_allocated_gb"] = report.torch_peak_allocated_gb
+        metrics["torch_peak_reserved_gb"] = report.torch_peak_reserved_gb
+    if loaded.load_s is not None:
+        metrics["model_load_s"] = loaded.load_s
+
+    predictions = []
+    for sample, completion in zip(samples, completions, strict=True):
+        answer = _answer(completion)
+        predictions.append(
+            {
+                "question_id": sample.question_id,
+                "question": sample.question,
+                "prediction": answer,
+                "answers": sample.answers,
+                "score": vqa_accuracy(answer, sample.answers),
+                "exact_match": exact_match(answer, sample.answers),
+                "ttft_s": completion.timing.ttft_s,
+                "output_tokens": completion.timing.output_tokens,
+            }
+        )
+    metrics["accuracy"] = sum(p["score"] for p in predictions) / len(predictions)
+    metrics["exact_match"] = sum(p["exact_match"] for p in predictions) / len(predictions)
+    metrics["num_samples_measured"] = float(len(samples))
+
+    tags = {
+        "engine": trial.engine.name,
+        "model": trial.model.name,
+        "device": engine.device,
+        "peak_mem_source": report.source,
+        "engine_cache": "hit" if loaded.cache_hit else "miss",
+        "dataset": trial.dataset.name,
+        **_device_tags(engine.device),
+    }
+    if trial.model.random_weights:
+        tags["random_weights"] = "random weights: accuracy is meaningless"
+    return TrialResult(metrics, tags, predictions)
