@@ -73,10 +73,9 @@ def _known_keys(cfg: DictConfig, key: str) -> str:
 def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
     """One line naming the key, the value and what is allowed, from a composition error."""
     from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigKeyError, ValidationError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     text = str(error)
-    values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     if isinstance(error, MissingConfigException):
         found = re.search(r"Could not find '([^']+)/([^']+)'", text)
         if found:
@@ -84,16 +83,19 @@ def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
             allowed = ", ".join(_group_options(group))
             return f"invalid value for '{group}': '{option}' (allowed: {allowed})"
     cause = error.__cause__ or error
-    match = re.search(r"(?:override|merging override) '?([\w.\-/]+)'?", text)
-    key = match.group(1).split("=", 1)[0] if match else "?"
+    key = getattr(cause, "full_key", None)
+    if not key:
+        match = re.search(r"override '?([\w.\-/]+)", text)
+        key = match.group(1).split("=", 1)[0] if match else "?"
+    values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     value = values.get(key, "?")
-    if isinstance(cause, ConfigKeyError) or "not in struct" in str(cause):
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError):
         return f"unknown key '{key}' (value '{value}'); known keys here: {_known_keys(base, key)}"
     if isinstance(cause, ValidationError):
         expected = re.search(r"converted to (\w+)", str(cause))
         kind = expected.group(1).lower() if expected else "the declared type"
         return f"invalid value for '{key}': '{value}' (allowed: a value of type {kind})"
-    return text.splitlines()[0]
+    return f"invalid overrides {' '.join(overrides)}: {text.splitlines()[0]}"
 
 
 def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:

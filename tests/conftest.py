@@ -1,0 +1,40 @@
+"""Shared test helpers: run the real CLI in a subprocess against a throwaway MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SWEEPER_PARENT_RUN_ID", None)
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> dict[str, str]:
+    """Overrides that point a run at a fresh SQLite MLflow store and sweep dir under tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return {
+        "uri": uri,
+        "args": [
+            f"tracking.uri={uri}",
+            f"tracking.artifact_location={tmp_path / 'artifacts'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+    }

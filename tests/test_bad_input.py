@@ -1,0 +1,95 @@
+"""Bad input: one line naming key, value and what is allowed; exit 2; no model loaded."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sweeper.cli import BadInput, preflight
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("beam_num=0", "beam_num", "an integer >= 1"),
+        ("max_new_tokens=0", "max_new_tokens", "an integer >= 1"),
+        ("temperature=-0.5", "temperature", "a number >= 0"),
+        ("top_k=-1", "top_k", "an integer >= 0"),
+        ("top_p=0", "top_p", "a number in (0, 1]"),
+        ("top_p=1.5", "top_p", "a number in (0, 1]"),
+        ("num_samples=0", "num_samples", "an integer >= 1"),
+        ("batch_size=0", "batch_size", "an integer >= 1"),
+        ("kv_cache=paged", "kv_cache", "one of dynamic"),
+        ("dataset.limit=0", "dataset.limit", "an integer >= 1"),
+        ("engine.device=tpu", "engine.device", "one of auto, cpu, cuda"),
+        ("prefix_caching=true", "prefix_caching", "false with engine=hf"),
+    ],
+)
+def test_out_of_range_values(override: str, key: str, allowed: str) -> None:
+    value = override.split("=", 1)[1]
+    with pytest.raises(BadInput) as error:
+        preflight([override])
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"'{key}'" in message and value.lower() in message.lower() and allowed in message
+
+
+def test_unknown_key_lists_known_keys() -> None:
+    with pytest.raises(BadInput, match=r"unknown key 'beams' \(value '3'\).*beam_num"):
+        preflight(["beams=3"])
+
+
+def test_unknown_nested_key() -> None:
+    with pytest.raises(BadInput, match=r"unknown key 'dataset.limt'.*dataset.limit"):
+        preflight(["dataset.limt=3"])
+
+
+def test_non_numeric_value() -> None:
+    with pytest.raises(BadInput, match=r"'beam_num': 'three' \(allowed: a value of type integer"):
+        preflight(["beam_num=three"])
+    with pytest.raises(BadInput, match=r"'temperature': 'hot' \(allowed: a value of type float"):
+        preflight(["temperature=hot"])
+
+
+def test_unknown_group_option() -> None:
+    with pytest.raises(
+        BadInput, match=r"invalid value for 'model': 'nope' \(allowed: .*tiny_random"
+    ):
+        preflight(["model=nope"])
+
+
+def test_missing_model_path(tmp_path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(BadInput, match=r"'model.path': '.*no-such-model' \(allowed: an existing"):
+        preflight(["model=custom", f"model.path={missing}"])
+
+
+def test_hub_id_is_not_checked_as_a_path() -> None:
+    preflight(["model=custom", "model.path=Qwen/Qwen2.5-VL-7B-Instruct"])
+
+
+def test_grid_with_a_typo_fails_before_any_trial() -> None:
+    with pytest.raises(BadInput, match="unknown key 'temprature'"):
+        preflight(["-m", "beam_num=1,2", "temprature=0,0.7"])
+
+
+def test_grid_leaves_range_checks_to_each_trial() -> None:
+    preflight(["-m", "temperature=0,-1"])  # the bad trial is recorded FAILED at run time
+
+
+@pytest.mark.parametrize(
+    "override", ["beam_num=0", "unknown_key=1", "beam_num=x", "model.path=/nonexistent/model"]
+)
+def test_cli_exits_2_with_one_line(override: str, tmp_path, store) -> None:
+    args = [override] if not override.startswith("model.path") else ["model=custom", override]
+    start = time.monotonic()
+    result = run_cli(args + store["args"], cwd=tmp_path, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sweeper: error:"), result.stderr
+    assert elapsed < 30
+    # No model was loaded and no run was made: the MLflow store was never created.
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,172 @@
+"""Performance metrics against independent references: hand arithmetic, `statistics`, the HF
+streamer's own clock, the kernel's peak-RSS counter."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sweeper.metrics.performance import RequestTiming, batch_efficiency, summarize, tpot
+
+
+def _timing(ttft: float, tokens: int, prompt: int = 10, cached: int = 0) -> RequestTiming:
+    return RequestTiming(
+        preprocess_s=0.01,
+        prefill_s=ttft - 0.01,
+        ttft_s=ttft,
+        latency_s=ttft + 0.1,
+        tpot_s=tpot(ttft, ttft + 0.1, tokens),
+        prompt_tokens=prompt,
+        output_tokens=tokens,
+        cached_prompt_tokens=cached,
+    )
+
+
+def test_summary_against_statistics_module() -> None:
+    ttfts = [0.1 * i for i in range(1, 101)]
+    timings = [_timing(t, tokens=5) for t in ttfts]
+    metrics = summarize(timings, generation_wall_s=20.0)
+    assert metrics["tps"] == pytest.approx(100 * 5 / 20.0)
+    assert metrics["ttft_s"] == pytest.approx(statistics.fmean(ttfts))
+    # numpy's default percentile is the "inclusive" linear method.
+    cuts = statistics.quantiles(ttfts, n=100, method="inclusive")
+    assert metrics["ttft_p50_s"] == pytest.approx(cuts[49])
+    assert metrics["ttft_p90_s"] == pytest.approx(cuts[89])
+    assert metrics["ttft_p99_s"] == pytest.approx(cuts[98])
+    assert metrics["tpot_s"] == pytest.approx(0.1 / 4)
+    assert metrics["context_load_s"] == pytest.approx(statistics.fmean(ttfts))
+    assert metrics["requests_per_s"] == pytest.approx(5.0)
+
+
+def test_single_token_requests_have_no_tpot_and_hit_rate_counts_tokens() -> None:
+    metrics = summarize([_timing(0.2, 1, prompt=100, cached=60), _timing(0.4, 3, prompt=100)], 1)
+    assert metrics["tpot_s"] == pytest.approx(0.1 / 2)
+    assert metrics["prefix_cache_hit_rate"] == pytest.approx(60 / 200)
+
+
+def test_batch_efficiency_definition() -> None:
+    # 8 requests/s at batch 4 against 4 requests/s one at a time: 2x faster, half of ideal.
+    assert batch_efficiency(8.0, 4.0, 4) == {"batch_efficiency": 0.5, "batch_speedup": 2.0}
+
+
+@pytest.fixture(scope="module")
+def hf_engine():
+    from sweeper.config import HFEngineConfig, ModelConfig
+    from sweeper.engines.hf import HFEngine
+    from sweeper.models import resolve_model_path
+
+    path = resolve_model_path(ModelConfig(name="tiny_random", builder="tiny_random"))
+    return HFEngine(HFEngineConfig(device="cpu"), path)
+
+
+def _loaded(n: int):
+    from sweeper.data import prefetch
+    from sweeper.data.easy_vqa import load_easy_vqa
+
+    return list(prefetch(load_easy_vqa("test")[:n], 4))
+
+
+def _decoding(**overrides):
+    from sweeper.engines import DecodingParams
+
+    base = dict(
+        beam_num=1, max_new_tokens=12, temperature=0.0, top_k=0, top_p=1.0, num_samples=1, seed=0
+    )
+    return DecodingParams(**{**base, **overrides})
+
+
+def test_hf_clocks_agree_with_the_streamer(hf_engine, monkeypatch) -> None:
+    """TTFT and last-token times from our hooks match HF's streamer, an independent clock."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class ClockStreamer(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):  # first call is the prompt, then one call per generated token
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    streamer = ClockStreamer()
+    generate = hf_engine.model.generate
+    monkeypatch.setattr(hf_engine.model, "generate", lambda **kw: generate(**kw, streamer=streamer))
+    items = _loaded(1)
+    submitted = time.perf_counter()
+    (completion,) = hf_engine.generate_batch(items, _decoding(max_new_tokens=12))
+    timing = completion.timing
+    token_times = streamer.times[1:]
+    assert timing.output_tokens <= len(token_times)
+    # The streamer sees each token right after it is appended; our clock right after that.
+    first = token_times[0] - submitted
+    last = token_times[timing.output_tokens - 1] - submitted
+    assert timing.ttft_s == pytest.approx(first, abs=0.005)
+    assert timing.latency_s == pytest.approx(last, abs=0.005)
+    assert 0 < timing.prefill_s < timing.ttft_s <= timing.latency_s
+
+
+def test_hf_output_tokens_stop_at_eos_and_match_an_independent_count(hf_engine) -> None:
+    """Counted tokens equal those of a plain generate call, cut at the first EOS."""
+    import torch
+
+    from sweeper.prompt import vqa_messages
+
+    items = _loaded(3)
+    completions = hf_engine.generate_batch(items, _decoding(max_new_tokens=10))
+    processor = hf_engine.processor
+    eos = hf_engine.model.generation_config.eos_token_id
+    for item, completion in zip(items, completions, strict=True):
+        text = processor.apply_chat_template(
+            vqa_messages(item.sample.question), add_generation_prompt=True
+        )
+        inputs = processor(text=[text], images=[item.image], return_tensors="pt")
+        with torch.inference_mode():
+            out = hf_engine.model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
+        expected = new.index(eos) + 1 if eos in new else len(new)
+        assert completion.timing.output_tokens == expected
+        assert completion.timing.prompt_tokens == inputs["input_ids"].shape[1]
+
+
+def test_num_samples_counts_every_returned_sequence(hf_engine) -> None:
+    completions = hf_engine.generate_batch(
+        _loaded(2), _decoding(temperature=1.0, num_samples=3, max_new_tokens=6)
+    )
+    for completion in completions:
+        assert len(completion.texts) == 3
+        assert 3 <= completion.timing.output_tokens <= 18
+
+
+PEAK_SCRIPT = """
+import time, numpy as np
+from sweeper.metrics.memory import PeakMemoryTracker, GB
+start = time.perf_counter()
+with PeakMemoryTracker("cpu") as tracker:
+    time.sleep(0.2)
+    block = np.ones(600 * 1024**2 // 8)  # 600 MiB, touched
+    time.sleep(0.3)
+    del block
+    time.sleep(0.5)
+elapsed = time.perf_counter() - start
+report = tracker.report()
+# VmHWM: the kernel's peak RSS of this process image (ru_maxrss would carry the parent's over exec)
+status = open("/proc/self/status").read()
+kernel_peak = int(status.split("VmHWM:")[1].split()[0]) * 1024 / GB
+print(report.peak_mem_gb, kernel_peak, report.samples / elapsed, report.source)
+"""
+
+
+def test_peak_rss_matches_the_kernel_high_water_mark() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, check=True
+    ).stdout.split()
+    ours, kernel, rate, source = float(out[0]), float(out[1]), float(out[2]), out[3]
+    assert source == "rss_process_tree"
+    assert ours == pytest.approx(kernel, rel=0.05)
+    assert ours > 0.58  # the 600 MiB block was seen although it lived only 0.3 s
+    assert rate >= 20, out  # samples per second
