@@ -178,7 +178,8 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
     try:
         with trial_run(name, params, tags):
             trial = check_values(cfg)
-            bar = tqdm(desc=name[:40], unit="q", leave=False, dynamic_ncols=True)
+            # disable=None: a bar on a terminal, nothing in a log file.
+            bar = tqdm(desc=name[:40], unit="q", leave=False, dynamic_ncols=True, disable=None)
 
             def progress(done: int, total: int) -> None:
                 bar.total = total
@@ -186,7 +187,9 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
 
             result = run_trial(trial, progress)
             bar.close()
-            log_result(result, OmegaConf.to_yaml(cfg, resolve=True))
+            log_result(
+                result, OmegaConf.to_yaml(cfg, resolve=True), cfg.tracking.log_predictions
+            )
     except Exception as error:
         if bar is not None:
             bar.close()
@@ -218,6 +221,11 @@ def main() -> None:
             sys.exit(2)
     from sweeper.tracking import callback
 
-    _hydra_entry()
+    try:
+        _hydra_entry()
+    except KeyboardInterrupt:
+        callback.interrupt_sweep()
+        print("sweeper: interrupted; finished trials are in MLflow", file=sys.stderr)
+        sys.exit(130)
     if failed_trials or callback.failed_in_last_sweep:
         sys.exit(1)

@@ -18,6 +18,15 @@ from sweeper.tracking.store import PARENT_RUN_ENV, ui_command, use_store
 failed_in_last_sweep = 0
 
 
+def interrupt_sweep() -> None:
+    """After Ctrl-C: end the open sweep's parent run KILLED (its finished trials stay logged)."""
+    parent = os.environ.pop(PARENT_RUN_ENV, None)
+    if parent:
+        from mlflow import MlflowClient
+
+        MlflowClient().set_terminated(parent, "KILLED")
+
+
 def _child_rows(client: Any, experiment_id: str, parent_id: str) -> list[dict[str, Any]]:
     from sweeper.metrics import HEADLINE_METRICS
 

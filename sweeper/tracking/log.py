@@ -6,15 +6,15 @@ import math
 from typing import Any
 
 
-def log_result(result: Any, resolved_config_yaml: str) -> None:
-    """Metrics (finite ones), tags, the resolved config and the predictions table."""
+def log_result(result: Any, resolved_config_yaml: str, log_predictions: bool = True) -> None:
+    """Metrics (finite ones), tags, the resolved config and (optionally) the predictions table."""
     import mlflow
     import pandas as pd
 
     mlflow.log_metrics({k: v for k, v in result.metrics.items() if math.isfinite(v)})
     mlflow.set_tags(result.tags)
     mlflow.log_text(resolved_config_yaml, "config.yaml")
-    if result.predictions:
+    if log_predictions and result.predictions:
         table = pd.DataFrame(result.predictions)
         table["answers"] = table["answers"].map(lambda answers: " | ".join(answers))
         mlflow.log_table(table, artifact_file="predictions.json")
