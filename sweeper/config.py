@@ -18,6 +18,7 @@ from omegaconf import MISSING
 KV_CACHE_MODES = ("dynamic", "static", "offloaded", "quantized", "off")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ON_ERROR = ("raise", "skip")
 
 
 class ConfigError(ValueError):
@@ -64,10 +65,75 @@ class EngineConfig:
 class HFEngineConfig(EngineConfig):
     name: str = "hf"
     attn_implementation: str = "sdpa"
+    # torch.compile the decoding step (with kv_cache=static only). Part of the engine's cache
+    # key, so the compiled graphs live with the loaded model and are reused by later trials.
+    compile: bool = False
+    # Tokens of KV the prefix cache keeps (prefix_caching=true); least recently used go first.
+    prefix_cache_tokens: int = 65536
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("engine.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _check(
+            self.prefix_cache_tokens >= 1,
+            "engine.prefix_cache_tokens",
+            self.prefix_cache_tokens,
+            "an integer >= 1",
+        )
+
+
+VLLM_LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
+
+
+@dataclass
+class VLLMEngineConfig(EngineConfig):
+    """vLLM's offline `LLM`; see conf/engine/vllm.yaml for what each key does."""
+
+    name: str = "vllm"
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None  # null: the model's own
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    load_format: str = "auto"
+    max_num_batched_tokens: int | None = None  # null: vLLM's default
+    max_num_seqs: int = 256  # running sequences at most with continuous_batching=false
+    kv_cache_space_gb: float | None = None  # null: from gpu_memory_utilization (GPU), 1 (CPU)
+    seed: int = 0  # vLLM's own RNG (dummy weights); sampling uses the trial's `seed`
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            0 < self.gpu_memory_utilization <= 1,
+            "engine.gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "a share of the device's memory in (0, 1]",
+        )
+        if self.max_model_len is not None:
+            _check(
+                self.max_model_len >= 1, "engine.max_model_len", self.max_model_len, "null or >= 1"
+            )
+        _check(
+            self.tensor_parallel_size >= 1,
+            "engine.tensor_parallel_size",
+            self.tensor_parallel_size,
+            "an integer >= 1",
+        )
+        _check_choice("engine.load_format", self.load_format, VLLM_LOAD_FORMATS)
+        if self.max_num_batched_tokens is not None:
+            _check(
+                self.max_num_batched_tokens >= 1,
+                "engine.max_num_batched_tokens",
+                self.max_num_batched_tokens,
+                "null or an integer >= 1",
+            )
+        _check(self.max_num_seqs >= 1, "engine.max_num_seqs", self.max_num_seqs, "an integer >= 1")
+        if self.kv_cache_space_gb is not None:
+            _check(
+                self.kv_cache_space_gb > 0,
+                "engine.kv_cache_space_gb",
+                self.kv_cache_space_gb,
+                "null or a number of GiB > 0",
+            )
 
 
 @dataclass
@@ -99,11 +165,15 @@ class DatasetConfig:
     limit: int | None = None
     seed: int | None = None  # shuffle with this seed before `limit`; None keeps file order
     prefetch: int = 16  # decoded images kept ready ahead of the engine
+    # A bad sample (missing or broken image, malformed record): raise a one-line error, or skip
+    # it and count it (metric `skipped_samples`, artifact `skipped_samples.json`).
+    on_error: str = "raise"
 
     def __post_init__(self) -> None:
         if self.limit is not None:
             _check(self.limit >= 1, "dataset.limit", self.limit, "an integer >= 1 or null")
         _check(self.prefetch >= 1, "dataset.prefetch", self.prefetch, "an integer >= 1")
+        _check_choice("dataset.on_error", self.on_error, ON_ERROR)
 
 
 @dataclass
@@ -114,6 +184,127 @@ class EasyVQAConfig(DatasetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("dataset.split", self.split, ("train", "test"))
+
+
+@dataclass
+class OKVQABaseConfig(DatasetConfig):
+    """What both OK-VQA layouts share: the optional filter on the annotated question type."""
+
+    question_types: list[str] | None = None  # e.g. [one, eight]; null keeps every type
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.question_types is not None:
+            _check(
+                len(self.question_types) > 0,
+                "dataset.question_types",
+                self.question_types,
+                "a non-empty list of question types, or null for all",
+            )
+
+
+def _check_file(key: str, path: str | None, what: str) -> None:
+    _check(path is not None and Path(path).expanduser().is_file(), key, path, what)
+
+
+@dataclass
+class OKVQAConfig(OKVQABaseConfig):
+    """OK-VQA in its official files. null paths are refused here, before any model loads."""
+
+    name: str = "okvqa"
+    questions_file: str | None = None
+    annotations_file: str | None = None
+    image_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_file(
+            "dataset.questions_file",
+            self.questions_file,
+            "an existing OpenEnded_mscoco_val2014_questions.json",
+        )
+        _check_file(
+            "dataset.annotations_file",
+            self.annotations_file,
+            "an existing mscoco_val2014_annotations.json",
+        )
+        _check(
+            self.image_dir is not None and Path(self.image_dir).expanduser().is_dir(),
+            "dataset.image_dir",
+            self.image_dir,
+            "an existing folder of COCO_val2014_<image_id>.jpg files",
+        )
+
+
+@dataclass
+class OKVQAHFConfig(OKVQABaseConfig):
+    """OK-VQA in the Hugging Face layout (lmms-lab/OK-VQA).
+
+    `path`: a hub id, a folder of parquet files, a parquet file, a list of parquet files, or a
+    folder written by `save_to_disk`. (Any: OmegaConf has no str-or-list type.)
+    """
+
+    name: str = "okvqa_hf"
+    path: Any = "lmms-lab/OK-VQA"
+    split: str = "val2014"  # for a hub id or a save_to_disk DatasetDict
+    cache_dir: str | None = None  # where `datasets` keeps its Arrow copy; null: its own cache
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        key = "dataset.path"
+        allowed = "a hub id, an existing parquet file or folder, or a list of parquet files"
+        if isinstance(self.path, list):
+            _check(len(self.path) > 0, key, self.path, allowed)
+            for item in self.path:
+                _check_file(key, item, allowed)
+        else:
+            _check(isinstance(self.path, str) and bool(self.path), key, self.path, allowed)
+            if looks_like_local_path(self.path):
+                check_existing_path(key, self.path, allowed)
+
+
+@dataclass
+class WorkloadConfig:
+    """How dataset questions become requests (sweeper/workloads.py). `images: false` sends the
+    question without its image (text-only prompts: what transformers' continuous batching takes).
+    """
+
+    name: str = "single"
+    images: bool = True
+
+
+@dataclass
+class SharedPrefixWorkloadConfig(WorkloadConfig):
+    """Every request starts with the same long system prompt of about this many tokens."""
+
+    name: str = "shared_prefix"
+    system_prompt_tokens: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(
+            self.system_prompt_tokens >= 1,
+            "workload.system_prompt_tokens",
+            self.system_prompt_tokens,
+            "an integer >= 1",
+        )
+
+
+@dataclass
+class MultiSampleWorkloadConfig(WorkloadConfig):
+    """num_samples reasoning paths per question (sampled), each ending in 'Answer: ...'."""
+
+    name: str = "multi_sample"
+
+
+@dataclass
+class MultiTurnWorkloadConfig(WorkloadConfig):
+    """The questions about one image become one conversation of at most `turns` turns."""
+
+    name: str = "multi_turn"
+    turns: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.turns >= 1, "workload.turns", self.turns, "an integer >= 1")
 
 
 @dataclass
@@ -128,6 +319,7 @@ class TrialConfig:
     engine: Any = MISSING
     model: Any = MISSING
     dataset: Any = MISSING
+    workload: Any = field(default_factory=WorkloadConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment_name: str = "sweeper"
 
@@ -142,6 +334,9 @@ class TrialConfig:
     num_samples: int = 1
     batch_size: int = 8
     seed: int = 0
+    # A system message before every question, the same for all (null: the chat template's
+    # default). A long one gives requests a shared prompt prefix, which prefix caching reuses.
+    system_prompt: str | None = None
 
     # Serving flags; an engine that cannot honour a value raises a ConfigError.
     prefix_caching: bool = False
@@ -153,8 +348,14 @@ class TrialConfig:
     warmup_batches: int = 1
     calibration_samples: int = 16
 
+    # Peak-memory budget in GiB for `hydra/sweeper=vram_budget` (its constraint reads it); on CPU
+    # it bounds the peak RSS, as peak_mem_gb does. Unused by a trial itself.
+    budget_gb: float | None = None
+
     def __post_init__(self) -> None:
         _check(self.beam_num >= 1, "beam_num", self.beam_num, "an integer >= 1")
+        if self.budget_gb is not None:
+            _check(self.budget_gb > 0, "budget_gb", self.budget_gb, "a number of GiB > 0")
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
         _check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
         _check(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
@@ -183,12 +384,50 @@ class TrialConfig:
                 self.num_samples,
                 "1 with greedy decoding (temperature=0); sample with temperature > 0",
             )
+        if self.workload.name == "multi_sample":
+            _check(
+                self.num_samples > 1,
+                "num_samples",
+                self.num_samples,
+                "an integer >= 2 with workload=multi_sample (with temperature > 0)",
+            )
+        if self.workload.name == "shared_prefix":
+            _check(
+                self.system_prompt is None,
+                "system_prompt",
+                self.system_prompt,
+                "null with workload=shared_prefix (it writes its own, of "
+                "workload.system_prompt_tokens tokens)",
+            )
+
+
+def asset_path(name: str) -> str:
+    """Absolute path of a file or folder shipped in the package's `assets/` (e.g. a model)."""
+    from importlib.resources import files
+
+    return str(files("sweeper") / "assets" / name)
 
 
 def register_configs() -> None:
     """Register the schemas that conf/ YAML files extend (`defaults: [<name>_schema, _self_]`)."""
+    from omegaconf import OmegaConf
+
+    # `${sweeper_asset:tiny_vlm}` in conf/ resolves to the checkpoint shipped with the package.
+    OmegaConf.register_new_resolver("sweeper_asset", asset_path, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="trial_schema", node=TrialConfig)
+    # The Optuna sweeper plugin, registered here too: Hydra's plugin scan cannot list the
+    # hydra_plugins namespace of an editable install (pip install -e).
+    from hydra_plugins.sweeper_optuna.config import register_plugin
+
+    register_plugin()
     cs.store(group="engine", name="hf_schema", node=HFEngineConfig)
+    cs.store(group="engine", name="vllm_schema", node=VLLMEngineConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="workload", name="single_schema", node=WorkloadConfig)
+    cs.store(group="workload", name="shared_prefix_schema", node=SharedPrefixWorkloadConfig)
+    cs.store(group="workload", name="multi_sample_schema", node=MultiSampleWorkloadConfig)
+    cs.store(group="workload", name="multi_turn_schema", node=MultiTurnWorkloadConfig)
     cs.store(group="dataset", name="easy_vqa_schema", node=EasyVQAConfig)
+    cs.store(group="dataset", name="okvqa_schema", node=OKVQAConfig)
+    cs.store(group="dataset", name="okvqa_hf_schema", node=OKVQAHFConfig)

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+# workload=multi_sample: a reasoning path per sample, its answer on a last line of its own.
+REASONING_INSTRUCTION = (
+    "Think step by step, then give the final answer on a last line as 'Answer: <word or phrase>'."
+)
+_ANSWER_PREFIX = "answer:"
 
 
-def vqa_messages(question: str, system_prompt: str | None = None) -> list[dict]:
-    """Chat messages for one question about one image (the image goes before the text)."""
+def vqa_messages(
+    question: str,
+    system_prompt: str | None = None,
+    instruction: str = ANSWER_INSTRUCTION,
+    image: bool = True,
+) -> list[dict]:
+    """Chat messages for one question about one image (the image goes before the text);
+    `image=False` leaves the image out (a text-only prompt)."""
     messages: list[dict] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
@@ -14,8 +25,8 @@ def vqa_messages(question: str, system_prompt: str | None = None) -> list[dict]:
         {
             "role": "user",
             "content": [
-                {"type": "image"},
-                {"type": "text", "text": f"{question}\n{ANSWER_INSTRUCTION}"},
+                *([{"type": "image"}] if image else []),
+                {"type": "text", "text": f"{question}\n{instruction}"},
             ],
         }
     )
@@ -23,6 +34,10 @@ def vqa_messages(question: str, system_prompt: str | None = None) -> list[dict]:
 
 
 def extract_answer(text: str) -> str:
-    """The answer in a generated text: its first line, without surrounding space or a final '.'."""
+    """The answer in a generated text: what follows its last 'Answer:' (a reasoning path), else its
+    first line; without surrounding space or a final '.'."""
+    at = text.lower().rfind(_ANSWER_PREFIX)
+    if at >= 0:
+        text = text[at + len(_ANSWER_PREFIX) :]
     line = text.strip().split("\n", 1)[0].strip()
     return line[:-1].rstrip() if line.endswith(".") else line

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from sweeper.config import TrialConfig
-from sweeper.data import LoadedSample, VQASample, load_samples, prefetch
+from sweeper.data import DataError, LoadedSample, VQASample, load_samples, prefetch
 from sweeper.engines import ENGINE_CACHE, Completion, DecodingParams, Engine, engine_class
 from sweeper.metrics import exact_match, majority_vote, normalize_answer, vqa_accuracy
 from sweeper.metrics.memory import PeakMemoryTracker
 from sweeper.metrics.performance import batch_efficiency, summarize
 from sweeper.prompt import extract_answer
+from sweeper.workloads import Workload, build_workload
 
 
 @dataclass
@@ -32,6 +33,7 @@ class TrialResult:
     metrics: dict[str, float]
     tags: dict[str, str]
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # under dataset.on_error=skip
 
 
 def check_trial(trial: TrialConfig) -> None:
@@ -44,9 +46,12 @@ def _answer(completion: Completion) -> str:
     return majority_vote(predictions) if len(predictions) > 1 else normalize_answer(predictions[0])
 
 
-def _requests_per_s(engine: Engine, items: list[LoadedSample], decoding, batch_size: int) -> float:
+def _requests_per_s(
+    workload: Workload, engine: Engine, items: list[LoadedSample], decoding, batch_size: int
+) -> float:
+    engine.reset_prefix_cache()  # each pass over the slice starts cold, as the other did
     start = engine.now()
-    engine.run(items, decoding, batch_size)
+    workload.run(engine, items, decoding, batch_size)
     return len(items) / (engine.now() - start)
 
 
@@ -76,21 +81,24 @@ def _device_tags(device: str) -> dict[str, str]:
 def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = None) -> TrialResult:
     """Measure one trial; `progress(done, total)` is told after each measured batch."""
     check_trial(trial)
-    samples: list[VQASample] = load_samples(trial.dataset)
-    loaded = ENGINE_CACHE.get(trial.engine, trial.model)
+    samples, data_report = load_samples(trial.dataset)
+    options = engine_class(trial.engine.name).load_options(trial)
+    loaded = ENGINE_CACHE.get(trial.engine, trial.model, options)
     engine = loaded.engine
     decoding = DecodingParams.from_trial(trial)
+    workload = build_workload(trial, engine)
+    samples = workload.arrange(samples)
     depth = max(trial.dataset.prefetch, trial.batch_size)
 
     with PeakMemoryTracker(engine.device) as memory:
         warmup = samples[: trial.batch_size * trial.warmup_batches]
-        engine.run(prefetch(warmup, depth), decoding, trial.batch_size)
+        workload.run(engine, prefetch(warmup, depth, data_report), decoding, trial.batch_size)
 
         efficiency = {"batch_efficiency": 1.0, "batch_speedup": 1.0}  # exact for batch_size 1
         if trial.batch_size > 1:
-            calibration = list(prefetch(samples[: trial.calibration_samples], depth))
-            batched = _requests_per_s(engine, calibration, decoding, trial.batch_size)
-            single = _requests_per_s(engine, calibration, decoding, 1)
+            calibration = list(prefetch(samples[: trial.calibration_samples], depth, data_report))
+            batched = _requests_per_s(workload, engine, calibration, decoding, trial.batch_size)
+            single = _requests_per_s(workload, engine, calibration, decoding, 1)
             efficiency = batch_efficiency(batched, single, trial.batch_size)
 
         torch.manual_seed(trial.seed)
@@ -102,12 +110,18 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
             if progress is not None:
                 progress(done, len(samples))
 
-        start = engine.now()
-        completions = engine.run(prefetch(samples, depth), decoding, trial.batch_size, on_batch)
-        generation_s = engine.now() - start
+        engine.reset_prefix_cache()  # no reuse of the earlier phases' identical prompts
+        with engine.own_metrics() as own_metrics:
+            start = engine.now()
+            measured = prefetch(samples, depth, data_report)
+            completions = workload.run(engine, measured, decoding, trial.batch_size, on_batch)
+            generation_s = engine.now() - start
+    if not completions:
+        raise DataError(f"dataset '{trial.dataset.name}': no image could be decoded")
 
     metrics = summarize([c.timing for c in completions], generation_s)
     metrics.update(efficiency)
+    metrics.update(own_metrics)
     report = memory.report()
     metrics["peak_mem_gb"] = report.peak_mem_gb
     if report.torch_peak_allocated_gb is not None:
@@ -117,7 +131,10 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
         metrics["model_load_s"] = loaded.load_s
 
     predictions = []
-    for sample, completion in zip(samples, completions, strict=True):
+    # By id: a sample whose image fails to decode (on_error=skip) has no completion.
+    by_id: dict[str, VQASample] = {sample.question_id: sample for sample in samples}
+    for completion in completions:
+        sample = by_id[completion.question_id]
         answer = _answer(completion)
         predictions.append(
             {
@@ -133,7 +150,8 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
         )
     metrics["accuracy"] = sum(p["score"] for p in predictions) / len(predictions)
     metrics["exact_match"] = sum(p["exact_match"] for p in predictions) / len(predictions)
-    metrics["num_samples_measured"] = float(len(samples))
+    metrics["num_samples_measured"] = float(len(completions))
+    metrics["skipped_samples"] = float(len(data_report.skipped))
 
     tags = {
         "engine": trial.engine.name,
@@ -143,7 +161,10 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
         "engine_cache": "hit" if loaded.cache_hit else "miss",
         "dataset": trial.dataset.name,
         **_device_tags(engine.device),
+        **data_report.tags,
+        **engine.tags(),
     }
     if trial.model.random_weights:
         tags["random_weights"] = "random weights: accuracy is meaningless"
-    return TrialResult(metrics, tags, predictions)
+    skipped = [asdict(s) for s in data_report.skipped]
+    return TrialResult(metrics, tags, predictions, skipped=skipped)

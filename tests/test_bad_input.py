@@ -24,7 +24,7 @@ from tests.conftest import run_cli
         ("kv_cache=paged", "kv_cache", "one of dynamic"),
         ("dataset.limit=0", "dataset.limit", "an integer >= 1"),
         ("engine.device=tpu", "engine.device", "one of auto, cpu, cuda"),
-        ("prefix_caching=true", "prefix_caching", "false with engine=hf"),
+        ("continuous_batching=true", "continuous_batching", "false with images"),
     ],
 )
 def test_out_of_range_values(override: str, key: str, allowed: str) -> None:

@@ -68,4 +68,4 @@ def test_wheel_holds_configs_and_packages(tmp_path: Path) -> None:
         check=True,
     ).stdout.split()
     assert out[0].startswith(str(target))  # the wheel's copy, not the source tree
-    assert out[1:] == ["tiny_random", "easy_vqa", "hf"]
+    assert out[1:] == ["tiny_vlm", "easy_vqa", "hf"]

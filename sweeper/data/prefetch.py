@@ -7,16 +7,21 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from sweeper.data.base import LoadedSample, VQASample
+from sweeper.data.base import IMAGE_ERRORS, LoadedSample, LoadReport, VQASample, reject_image
 
 _DONE = object()
 
 
-def prefetch(samples: Sequence[VQASample], depth: int) -> Iterator[LoadedSample]:
+def prefetch(
+    samples: Sequence[VQASample], depth: int, report: LoadReport | None = None
+) -> Iterator[LoadedSample]:
     """Yield samples with decoded images in order; at most `depth` decoded images wait in memory.
 
-    Decoding overlaps generation, and each sample still carries its own decode time.
+    Decoding overlaps generation, and each sample still carries its own decode time. An image
+    that fails to decode goes to `report`: a one-line DataError under dataset.on_error=raise
+    (the default without a report), else the sample is left out and counted there.
     """
+    report = report or LoadReport()
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -26,7 +31,11 @@ def prefetch(samples: Sequence[VQASample], depth: int) -> Iterator[LoadedSample]
                 if stop.is_set():
                     return
                 start = time.perf_counter()
-                image = sample.load_image()
+                try:
+                    image = sample.load_image()
+                except IMAGE_ERRORS as error:
+                    reject_image(sample, "cannot decode image", error, report)
+                    continue
                 slots.put(LoadedSample(sample, image, time.perf_counter() - start))
         except BaseException as error:  # handed to the consumer, which re-raises it
             slots.put(error)

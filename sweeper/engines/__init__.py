@@ -17,7 +17,7 @@ from sweeper.engines.base import Completion, DecodingParams, Engine
 __all__ = ["Completion", "DecodingParams", "Engine", "EngineCache", "engine_class"]
 
 # name -> "module:Class", imported only when used (vLLM is an optional install).
-ENGINES = {"hf": "sweeper.engines.hf:HFEngine"}
+ENGINES = {"hf": "sweeper.engines.hf:HFEngine", "vllm": "sweeper.engines.vllm:VLLMEngine"}
 
 
 def engine_class(name: str) -> type[Engine]:
@@ -45,20 +45,25 @@ class EngineCache:
         self.loads = 0
 
     @staticmethod
-    def key(engine_cfg: Any, model_cfg: Any) -> str:
+    def key(engine_cfg: Any, model_cfg: Any, options: dict[str, Any] | None = None) -> str:
         return json.dumps(
-            {"engine": asdict(engine_cfg), "model": asdict(model_cfg)}, sort_keys=True
+            {"engine": asdict(engine_cfg), "model": asdict(model_cfg), "options": options or {}},
+            sort_keys=True,
         )
 
-    def get(self, engine_cfg: Any, model_cfg: Any) -> LoadedEngine:
-        key = self.key(engine_cfg, model_cfg)
+    def get(
+        self, engine_cfg: Any, model_cfg: Any, options: dict[str, Any] | None = None
+    ) -> LoadedEngine:
+        """The engine for this config; `options` are its `Engine.load_options` for the trial."""
+        key = self.key(engine_cfg, model_cfg, options)
         if self._engine is not None and key == self._key:
             return LoadedEngine(self._engine, key, None)
         self.clear()
         from sweeper.models import resolve_model_path
 
         start = time.perf_counter()
-        engine = engine_class(engine_cfg.name)(engine_cfg, resolve_model_path(model_cfg))
+        engine_type = engine_class(engine_cfg.name)
+        engine = engine_type(engine_cfg, resolve_model_path(model_cfg), **(options or {}))
         self._engine, self._key = engine, key
         self.loads += 1
         return LoadedEngine(engine, key, time.perf_counter() - start)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,6 +17,8 @@ from sweeper.metrics.performance import RequestTiming
 
 @dataclass(frozen=True)
 class DecodingParams:
+    """What every request of a trial is generated with (the prompt's system part included)."""
+
     beam_num: int
     max_new_tokens: int
     temperature: float
@@ -23,6 +26,11 @@ class DecodingParams:
     top_p: float
     num_samples: int
     seed: int
+    system_prompt: str | None = None
+    # Serving flags an engine may apply per call (engine=hf does; others fix theirs at load).
+    kv_cache: str = "dynamic"
+    prefix_caching: bool = False
+    continuous_batching: bool = False
 
     @classmethod
     def from_trial(cls, trial: Any) -> DecodingParams:
@@ -34,6 +42,10 @@ class DecodingParams:
             top_p=trial.top_p,
             num_samples=trial.num_samples,
             seed=trial.seed,
+            system_prompt=trial.system_prompt,
+            kv_cache=trial.kv_cache,
+            prefix_caching=trial.prefix_caching,
+            continuous_batching=trial.continuous_batching,
         )
 
     @property
@@ -70,6 +82,25 @@ class Engine(ABC):
                 choices = ", ".join(str(v).lower() for v in allowed)
                 raise ConfigError(flag, value, f"{choices} with engine={cls.name}")
 
+    @classmethod
+    def load_options(cls, trial: Any) -> dict[str, Any]:
+        """Trial keys this engine fixes when it loads (e.g. vLLM's scheduler limits).
+
+        They are passed to the constructor as keyword arguments and are part of the engine cache
+        key, so a trial that changes one of them loads a new engine.
+        """
+        return {}
+
+    def tags(self) -> dict[str, str]:
+        """Facts about the loaded engine worth recording on every trial's run."""
+        return {}
+
+    @contextmanager
+    def own_metrics(self) -> Iterator[dict[str, float]]:
+        """Metrics the engine measures itself over the block, filled in when it exits (e.g. the
+        difference of its own cumulative counters); logged beside the trial's metrics."""
+        yield {}
+
     @abstractmethod
     def synchronize(self) -> None:
         """Wait for queued device work, so that a clock read after it means what it says."""
@@ -98,6 +129,16 @@ class Engine(ABC):
             if on_batch is not None:
                 on_batch(len(batch))
         return completions
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` in this engine's tokenizer (workload=shared_prefix sizes its system
+        prompt with it)."""
+        raise NotImplementedError(f"engine={self.name} cannot count tokens")
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prompt prefixes, so that a measured phase does not reuse the KV of the
+        same prompts sent by an earlier phase (warm-up, calibration). No cache: nothing to do."""
+        return None  # an engine without a prefix cache has nothing to forget
 
     @abstractmethod
     def close(self) -> None:

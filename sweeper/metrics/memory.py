@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 from dataclasses import dataclass
@@ -41,6 +42,15 @@ def _rss_of_tree() -> int:
         with contextlib.suppress(psutil.Error):  # a child that exited while we read
             total += process.memory_info().rss
     return total
+
+
+def _release_freed_heap() -> None:
+    """Hand memory that earlier trials freed back to the OS, so this trial's RSS peak is its own.
+
+    glibc keeps freed blocks mapped; without this, peak RSS on CPU depends on trial order.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _NvmlReader:
@@ -103,12 +113,16 @@ class PeakMemoryTracker:
             self._sample()
 
     def __enter__(self) -> PeakMemoryTracker:
+        _release_freed_heap()
         if self.device.startswith("cuda"):
             import torch
 
             index = torch.device(self.device).index or 0
             self._nvml = _NvmlReader(index)
-            torch.cuda.reset_peak_memory_stats(index)
+            # A process that never touched CUDA (vLLM's frontend: the model lives in its engine
+            # process) has no allocator statistics to reset or read.
+            if torch.cuda.is_initialized():
+                torch.cuda.reset_peak_memory_stats(index)
         self._sample()
         self._thread = threading.Thread(target=self._loop, name="sweeper-memory", daemon=True)
         self._thread.start()
@@ -122,9 +136,9 @@ class PeakMemoryTracker:
 
     def report(self) -> MemoryReport:
         report = MemoryReport(self._peak / GB, self._source, self._samples)
-        if self._nvml is not None:
-            import torch
+        import torch
 
+        if self._nvml is not None and torch.cuda.is_initialized():
             report.torch_peak_allocated_gb = torch.cuda.max_memory_allocated() / GB
             report.torch_peak_reserved_gb = torch.cuda.max_memory_reserved() / GB
         return report

@@ -14,11 +14,16 @@ Per request (one question; with num_samples > 1, all its sequences):
   longest sequence; requests with a single output token have none.
 - `output_tokens`: generated tokens of all returned sequences, up to and including the EOS token,
   never padding or anything after EOS.
+- `cached_prompt_tokens`: prompt tokens whose KV the engine reused from earlier requests instead
+  of computing them (prefix caching), counted once per request like `prompt_tokens`. engine=hf
+  matches whole blocks of 16 tokens, as vLLM does; the copy of one request's prompt KV to its
+  `num_samples` sequences is not counted (it saves prefill time, not prompt tokens).
 
 Per trial:
 - `tps`: output tokens of all requests / wall time of the generation phase (all batches,
   preprocessing included, warm-up and calibration excluded).
 - means and p50/p90/p99 of `ttft_s`; means of the rest.
+- `prefix_cache_hit_rate` = cached prompt tokens / prompt tokens, over all requests.
 - `batch_efficiency` = requests/s at batch_size / (batch_size x requests/s one at a time), both
   on the same calibration slice; `batch_speedup` is the ratio without dividing by batch_size.
 """

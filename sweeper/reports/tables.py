@@ -54,4 +54,5 @@ def sweep_table(title: str, rows: Sequence[Mapping[str, object]]) -> Table:
 
 
 def show(table: Table) -> None:
-    Console(stderr=False, width=max(100, Console().width)).print(table)
+    # Wide enough for the overrides column when output goes to a file or a narrow terminal.
+    Console(width=max(160, Console().width)).print(table)

@@ -8,6 +8,7 @@ from MLflow (so it covers every launcher), and the count of failed trials for th
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -16,6 +17,9 @@ from omegaconf import DictConfig
 from sweeper.tracking.store import PARENT_RUN_ENV, ui_command, use_store
 
 failed_in_last_sweep = 0
+# The Optuna sweeper opens the parent run itself: a study's parent run is reopened when the study
+# resumes (see hydra_plugins/sweeper_optuna/_tracking.py).
+_STUDY_SWEEPER = "hydra_plugins.sweeper_optuna."
 
 
 def interrupt_sweep() -> None:
@@ -41,6 +45,7 @@ def _child_rows(client: Any, experiment_id: str, parent_id: str) -> list[dict[st
             "trial": run.data.tags.get("hydra_job_num", ""),
             "status": run.info.status,
             "overrides": run.data.tags.get("hydra_overrides", ""),
+            "start_ms": run.info.start_time,
         }
         row.update({name: run.data.metrics.get(name) for name in HEADLINE_METRICS})
         rows.append(row)
@@ -51,10 +56,14 @@ class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.parent_id: str | None = None
         self.experiment_id: str | None = None
+        self.started_ms = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow import MlflowClient
 
+        self.started_ms = int(time.time() * 1000)
+        if str(config.hydra.sweeper.get("_target_", "")).startswith(_STUDY_SWEEPER):
+            return
         self.experiment_id = use_store(
             config.tracking.uri, config.tracking.artifact_location, config.experiment_name
         )
@@ -73,11 +82,19 @@ class MlflowSweepCallback(Callback):
 
         from sweeper.reports.tables import show, sweep_table
 
+        self.parent_id = self.parent_id or os.environ.get(PARENT_RUN_ENV)
         if self.parent_id is None:
             return
+        if self.experiment_id is None:  # a study's: the sweeper opened the store
+            self.experiment_id = use_store(
+                config.tracking.uri, config.tracking.artifact_location, config.experiment_name
+            )
         client = MlflowClient()
         rows = _child_rows(client, self.experiment_id, self.parent_id)
-        failed_in_last_sweep = sum(1 for row in rows if row["status"] != "FINISHED")
+        # A resumed study's parent run also holds earlier runs' trials: count this run's only.
+        failed_in_last_sweep = sum(
+            1 for row in rows if row["status"] != "FINISHED" and row["start_ms"] >= self.started_ms
+        )
         client.set_tag(self.parent_id, "trials", str(len(rows)))
         client.set_tag(self.parent_id, "failed_trials", str(failed_in_last_sweep))
         client.set_terminated(self.parent_id, "FINISHED")

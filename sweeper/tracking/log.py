@@ -14,6 +14,8 @@ def log_result(result: Any, resolved_config_yaml: str, log_predictions: bool = T
     mlflow.log_metrics({k: v for k, v in result.metrics.items() if math.isfinite(v)})
     mlflow.set_tags(result.tags)
     mlflow.log_text(resolved_config_yaml, "config.yaml")
+    if result.skipped:  # the metric skipped_samples counts them; this says which and why
+        mlflow.log_dict({"skipped_samples": result.skipped}, "skipped_samples.json")
     if log_predictions and result.predictions:
         table = pd.DataFrame(result.predictions)
         table["answers"] = table["answers"].map(lambda answers: " | ".join(answers))

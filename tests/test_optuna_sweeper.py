@@ -1,0 +1,425 @@
+"""The Optuna sweeper plugin: search-space syntax, studies end to end through the real CLI with
+real Optuna and MLflow SQLite stores, resume after Ctrl-C and after a crash, bad input.
+
+Accuracy is flat on these few questions (0 with random weights, 1.0 with the trained tiny_vlm),
+so the end-to-end studies optimise `tps`, which varies; on CPU, `peak_mem_gb` is the peak RSS of
+the process tree, so the VRAM budget is a budget on peak RSS there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from hydra_plugins.sweeper_optuna._definition import (
+    default_study_name,
+    evaluate,
+    make_sampler,
+    parse_constraint,
+    parse_objectives,
+)
+from hydra_plugins.sweeper_optuna._errors import StudyError
+from hydra_plugins.sweeper_optuna._space import parse_space
+from sweeper.reports.pareto import dominates
+from tests.conftest import REPO, run_cli
+
+# Small, quick trials; no predictions table (less to log, less allocator noise in peak RSS).
+FAST = ["dataset.limit=4", "max_new_tokens=8", "tracking.log_predictions=false"]
+
+
+# --- search space and study definition (no subprocess) ---------------------------------------
+
+
+def test_params_syntax_maps_to_optuna_distributions() -> None:
+    space = parse_space(
+        {
+            "temperature": "interval(0.1, 1.0)",
+            "batch_size": "int(interval(1, 8))",
+            "beam_num": "range(1, 5)",
+            "prefix_caching": "choice(true, false)",
+            "top_p": "tag(log, interval(0.01, 1.0))",
+        },
+        [],
+        "tpe",
+    )
+    d = space.distributions
+    assert d["temperature"] == FloatDistribution(0.1, 1.0)
+    assert d["batch_size"] == IntDistribution(1, 8)
+    assert d["beam_num"] == IntDistribution(1, 4)  # range's stop is exclusive, as in a grid
+    assert d["prefix_caching"] == CategoricalDistribution([True, False])
+    assert d["top_p"] == FloatDistribution(0.01, 1.0, log=True)
+    assert space.grid is None  # an interval is not a grid
+    overrides = space.overrides({"prefix_caching": False, "temperature": 0.5})
+    assert overrides == ["prefix_caching=false", "temperature=0.5"]
+
+
+def test_command_line_sweeps_replace_and_plain_values_pin_preset_params() -> None:
+    space = parse_space(
+        {"batch_size": "choice(1, 2, 4)", "beam_num": "choice(1, 2)"},
+        ["beam_num=1,3", "batch_size=4", "dataset.limit=4"],
+        "grid",
+    )
+    assert space.distributions == {"beam_num": CategoricalDistribution([1, 3])}
+    assert space.fixed == ["batch_size=4", "dataset.limit=4"]
+    assert space.grid == {"beam_num": [1, 3]} and space.grid_size == 2
+
+
+def test_bad_space_and_definitions_are_one_line_errors() -> None:
+    with pytest.raises(StudyError, match="needs discrete parameters"):
+        parse_space({"temperature": "interval(0, 1)"}, [], "grid")
+    with pytest.raises(StudyError, match="nothing to search"):
+        parse_space({}, ["batch_size=4"], "tpe")
+    with pytest.raises(StudyError, match="cannot parse"):
+        parse_space({"batch_size": "choice(1,"}, [], "tpe")
+    with pytest.raises(StudyError, match="invalid objective 'tps:up'"):
+        parse_objectives(["tps:up"])
+    with pytest.raises(StudyError, match="malformed constraint"):
+        parse_constraint("peak_mem_gb < 3")
+    with pytest.raises(StudyError, match="budget_gb"):
+        parse_constraint("peak_mem_gb <= None")  # vram_budget with budget_gb unset
+
+
+def test_constraints_objectives_and_the_default_study_name() -> None:
+    objectives = parse_objectives(["accuracy:max", "peak_mem_gb:minimize"])
+    assert [o.direction for o in objectives] == ["maximize", "minimize"]
+    budget, floor = parse_constraint("peak_mem_gb <= 20"), parse_constraint("tps >= 100")
+    outcome = evaluate({"accuracy": 0.5, "peak_mem_gb": 24.0, "tps": 150.0}, objectives, [budget])
+    assert outcome.values == [0.5, 24.0] and outcome.constraints == {"peak_mem_gb <= 20": 4.0}
+    assert not outcome.feasible
+    assert floor.violation(150.0) == -50.0
+    assert evaluate(None, objectives, [budget]).values is None  # a failed trial
+    assert evaluate({"accuracy": float("nan"), "peak_mem_gb": 1.0}, objectives, []).values is None
+    with pytest.raises(StudyError, match="'tsp' is not a metric"):
+        evaluate({"tps": 1.0}, parse_objectives(["tsp:max"]), [])
+
+    space = parse_space({"batch_size": "choice(1, 8)"}, ["dataset.limit=4"], "tpe")
+    name = default_study_name("sweeper", "tpe", space, objectives, [budget])
+    assert name == default_study_name("sweeper", "tpe", space, objectives, [budget])
+    assert name != default_study_name("sweeper", "tpe", space, objectives, [floor])
+    assert name.startswith("sweeper-")
+
+
+@pytest.mark.parametrize(
+    ("sweep_dir", "folder"),
+    [
+        ("multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}", "multirun"),  # Hydra's default: new per run
+        ("studies/${experiment_name}/${now:%H-%M-%S}", "studies/sweeper"),
+        ("sweeps/mine", "sweeps/mine"),  # stable: the study lives in it
+    ],
+)
+def test_default_storage_is_where_the_same_command_finds_it(sweep_dir: str, folder: str) -> None:
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.sweeper_optuna._run import study_folder
+
+    setup_globals()  # Hydra's ${now:...} resolver
+    config = OmegaConf.create(
+        {"experiment_name": "sweeper", "hydra": {"sweep": {"dir": sweep_dir}}}
+    )
+    assert study_folder(config) == Path(folder).resolve()
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random", "grid"])
+def test_every_sampler_runs_ask_and_tell_with_constraints(sampler: str) -> None:
+    space = parse_space({"batch_size": "choice(1, 2, 4)", "beam_num": "range(1, 3)"}, [], sampler)
+    study = optuna.create_study(sampler=make_sampler(sampler, 0, space), direction="maximize")
+    for _ in range(space.grid_size):
+        trial = study.ask(space.distributions)
+        value = trial.params["batch_size"] * trial.params["beam_num"]
+        trial.set_constraint("product <= 4", value - 4)
+        study.tell(trial, value)
+    assert study.best_value == 4  # the best feasible, not the best (8)
+    if sampler == "grid":  # every point exactly once
+        assert len({tuple(t.params.values()) for t in study.trials}) == space.grid_size
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+def _study(tmp_path: Path) -> optuna.Study:
+    storage = f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _runs(uri: str) -> tuple[list, list]:
+    """(parent runs, child runs) of the `sweeper` experiment."""
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["sweeper"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def _calibrated_budget(tmp_path: Path, store: dict) -> float:
+    """A budget between the peak RSS of small trials and that of batch 4 x 16 beams, measured
+    on this machine with a 4-trial grid (the same process conditions as the study)."""
+    grid = tmp_path / "calibration"
+    result = run_cli(
+        [
+            "-m",
+            "batch_size=1,4",
+            "beam_num=1,16",
+            *FAST,
+            f"tracking.uri=sqlite:///{grid / 'mlflow.db'}",
+            f"tracking.artifact_location={grid / 'art'}",
+            f"hydra.sweep.dir={grid / 'sweep'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, trials = _runs(f"sqlite:///{grid / 'mlflow.db'}")
+    peak = {
+        (t.data.params["batch_size"], t.data.params["beam_num"]): t.data.metrics["peak_mem_gb"]
+        for t in trials
+    }
+    big = peak.pop(("4", "16"))
+    assert big > max(peak.values()), peak
+    return round((big + max(peak.values())) / 2, 4)
+
+
+@pytest.mark.slow
+def test_vram_budget_best_trial_is_the_best_feasible_one(tmp_path: Path, store: dict) -> None:
+    budget = _calibrated_budget(tmp_path, store)
+    # seed 2: TPE's first trials (random start-up) are small configurations, then batch 4 x 16
+    # beams, which the budget excludes.
+    result = run_cli(
+        [
+            "-m",
+            "hydra/sweeper=vram_budget",
+            f"budget_gb={budget}",
+            "hydra.sweeper.n_trials=8",
+            "hydra.sweeper.seed=2",
+            "hydra.sweeper.objectives=[tps:max]",
+            "batch_size=1,4",
+            "beam_num=1,16",
+            *FAST,
+            *store["args"],
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = _study(tmp_path)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 8
+    feasible = [t for t in complete if t.constraints[f"peak_mem_gb <= {budget}"] <= 0]
+    assert 0 < len(feasible) < 8, [t.constraints for t in complete]  # the budget bites
+    best = study.best_trial
+    assert best in feasible
+    assert best.value == max(t.value for t in feasible)
+    # Feasibility is the measured peak against the budget, as logged in MLflow.
+    parents, children = _runs(store["uri"])
+    assert len(parents) == 1 and len(children) == 8
+    by_number = {int(c.data.tags["optuna_trial_number"]): c for c in children}
+    for trial in complete:
+        run = by_number[trial.number]
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        within = run.data.metrics["peak_mem_gb"] <= budget
+        assert run.data.tags["optuna_feasible"] == str(within).lower()
+        assert (trial in feasible) == within
+    parent = parents[0]
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert parent.data.tags["optuna_storage"].endswith("sweep/optuna.db")
+    client = mlflow.MlflowClient(store["uri"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert {"study/best_trials.json", "study/summary.html", "study/trials.csv"} <= artifacts
+
+
+@pytest.mark.slow
+def test_pareto_study_returns_a_non_dominated_set(tmp_path: Path, store: dict) -> None:
+    result = run_cli(
+        [
+            "-m",
+            "hydra/sweeper=pareto",
+            "hydra.sweeper.n_trials=6",
+            "hydra.sweeper.seed=0",
+            "batch_size=1,2,4",
+            "beam_num=1,2",
+            *FAST,
+            *store["args"],
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = _study(tmp_path)
+    maximize = [d == optuna.study.StudyDirection.MAXIMIZE for d in study.directions]
+    assert maximize == [True, True, False]  # accuracy, tps, peak_mem_gb
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    front = study.best_trials
+    assert len(complete) == 6 and front
+    for trial in front:
+        assert not any(dominates(t.values, trial.values, maximize) for t in complete)
+    for trial in complete:
+        if trial not in front:
+            assert any(dominates(f.values, trial.values, maximize) for f in front)
+    (parent,), _ = _runs(store["uri"])
+    assert parent.data.tags["pareto_trials"] == ",".join(str(t.number) for t in front)
+
+    # The report computes the same front from the MLflow runs.
+    report = subprocess.run(
+        [sys.executable, "-m", "sweeper.report", "--experiment", "sweeper"]
+        + ["--tracking-uri", store["uri"], "--out", str(tmp_path / "report")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "report" / "pareto.csv")
+    assert sorted(table.loc[table.on_front, "trial"]) == sorted(t.number for t in front)
+
+
+def _poll_trials(db: Path) -> dict[int, str]:
+    """Trial number -> state, read straight from Optuna's SQLite file while a study runs."""
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as connection:
+            return dict(connection.execute("SELECT number, state FROM trials").fetchall())
+    except sqlite3.OperationalError:  # the tables do not exist yet, or a write holds the lock
+        return {}
+
+
+def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SWEEPER_PARENT_RUN_ID", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sweeper", *args],
+        cwd=cwd,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _interrupt_when_running(
+    proc: subprocess.Popen, db: Path, number: int, sig: int, log: Path
+) -> None:
+    """Send `sig` as soon as trial `number` is RUNNING (asked, not yet told)."""
+    deadline = time.monotonic() + 240
+    while _poll_trials(db).get(number) != "RUNNING":
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the trial never started"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+
+
+@pytest.mark.slow
+def test_resume_after_ctrl_c_and_after_a_crash(tmp_path: Path, store: dict) -> None:
+    args = [
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.seed=0",
+        "hydra.sweeper.objectives=[tps:max]",
+        "batch_size=1,2,4",
+        *FAST,
+        *store["args"],
+    ]
+    db = tmp_path / "sweep" / "optuna.db"
+    log = tmp_path / "study.log"
+
+    # Ctrl-C while trial 1 runs: trial 0 stays COMPLETE, trial 1 is FAIL.
+    proc = _start(args, tmp_path, log)
+    _interrupt_when_running(proc, db, 1, signal.SIGINT, log)
+    assert proc.returncode == 130, log.read_text()[-3000:]
+    assert _poll_trials(db) == {0: "COMPLETE", 1: "FAIL", 2: "WAITING"}  # 2: trial 1 again
+
+    # The same command, killed hard while trial 2 (the retry of 1) runs: it stays RUNNING.
+    proc = _start(args, tmp_path, log)
+    _interrupt_when_running(proc, db, 2, signal.SIGKILL, log)
+    assert _poll_trials(db)[2] == "RUNNING"
+
+    # The same command again: the study finishes; nothing finished runs twice.
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = _study(tmp_path)
+    states = {t.number: t.state for t in study.trials}
+    assert [n for n, s in states.items() if s == TrialState.FAIL] == [1, 2]
+    assert sum(s == TrialState.COMPLETE for s in states.values()) == 4
+    assert study.user_attrs["interrupted_trials"] == [1, 2]
+
+    parents, children = _runs(store["uri"])
+    assert len(parents) == 1  # the study's parent run, reopened twice
+    assert parents[0].info.status == "FINISHED"
+    numbers = [int(c.data.tags["hydra_job_num"]) for c in children]
+    assert sorted(numbers) == sorted(set(numbers))  # one MLflow run per trial at most
+    for child in children:
+        number = int(child.data.tags["hydra_job_num"])
+        assert child.data.tags["optuna_trial_number"] == str(number)
+        if states[number] == TrialState.COMPLETE:
+            assert child.info.status == "FINISHED"
+            assert study.trials[number].user_attrs["mlflow_run_id"] == child.info.run_id
+        else:
+            assert child.info.status == "KILLED"
+            assert child.data.tags["optuna_trial_state"] == "FAIL"
+
+
+@pytest.mark.slow
+def test_failing_trial_is_fail_and_the_study_goes_on(tmp_path: Path, store: dict) -> None:
+    result = run_cli(
+        [
+            "-m",
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.sampler=grid",
+            "hydra.sweeper.objectives=[tps:max]",
+            "temperature=-1,0",
+            *FAST,
+            *store["args"],
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1  # a trial failed
+    study = _study(tmp_path)
+    by_temperature = {t.params["temperature"]: t for t in study.trials}
+    assert by_temperature[-1].state == TrialState.FAIL
+    assert by_temperature[0].state == TrialState.COMPLETE
+    _, children = _runs(store["uri"])
+    failed = next(c for c in children if c.info.status == "FAILED")
+    assert "temperature" in failed.data.tags["error"]
+    assert failed.data.tags["optuna_trial_state"] == "FAIL"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["hydra/sweeper=optuna", "hydra.sweeper.sampler=annealing"],
+            "unknown sampler 'annealing' (allowed: tpe,",
+        ),
+        (
+            ["hydra/sweeper=optuna", 'hydra.sweeper.constraints=["peak_mem_gb < 3"]'],
+            "malformed constraint 'peak_mem_gb < 3'",
+        ),
+        (["hydra/sweeper=vram_budget"], "needs budget_gb=<GiB>"),
+    ],
+)
+def test_bad_study_input_is_one_line_with_status_2(
+    tmp_path: Path, store: dict, overrides: list[str], message: str
+) -> None:
+    result = run_cli(["-m", *overrides, "batch_size=1,2", *store["args"]], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before anything was recorded
+
+
+def test_plugin_ships_in_the_package() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "hydra_plugins.sweeper_optuna" in project["tool"]["setuptools"]["packages"]
+    assert not (REPO / "hydra_plugins" / "__init__.py").exists()  # a namespace package

@@ -1,0 +1,196 @@
+"""engine=vllm on CPU with a real vLLM (vllm-cpu, installed by scripts/install_vllm_cpu.sh).
+
+Trials run in this process through `run_trial`, so they share the engine cache as a sweep does:
+the tests are ordered so that an engine loaded by one is reused by the next where the
+engine-level config allows (a vLLM start-up costs tens of seconds on two cores).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed (scripts/install_vllm_cpu.sh installs it for CPU)"
+)
+
+from hydra import compose, initialize_config_module  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from sweeper.cli import BadInput, preflight  # noqa: E402
+from sweeper.config import ConfigError, TrialConfig  # noqa: E402
+from sweeper.data import load_samples  # noqa: E402
+from sweeper.data.base import LoadedSample  # noqa: E402
+from sweeper.engines import ENGINE_CACHE, DecodingParams, Engine, engine_class  # noqa: E402
+from sweeper.metrics import HEADLINE_METRICS  # noqa: E402
+from sweeper.trial import run_trial  # noqa: E402
+from tests.conftest import REPO, run_cli  # noqa: E402
+
+# The trained tiny model once it exists (its answers mean something), else the random one.
+MODEL = "tiny_vlm" if (REPO / "conf" / "model" / "tiny_vlm.yaml").exists() else "tiny_random"
+# In-process trials skip torch.compile: start-up in seconds instead of a compile pass.
+VLLM = ("engine=vllm", "engine.enforce_eager=true", f"model={MODEL}")
+# > 3 KV blocks of 128 tokens (the CPU block size) shared by every prompt.
+SYSTEM_PROMPT = (
+    "You answer questions about simple images. Each image shows one shape in one color. "
+    "Look at the shape and its color before you answer. "
+) * 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_engine():
+    yield
+    ENGINE_CACHE.clear()
+
+
+def _trial(*overrides: str) -> TrialConfig:
+    with initialize_config_module("sweeper.conf", version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def _loaded(trial: TrialConfig) -> Engine:
+    options = engine_class(trial.engine.name).load_options(trial)
+    return ENGINE_CACHE.get(trial.engine, trial.model, options).engine
+
+
+def _texts(trial: TrialConfig) -> list[str]:
+    """Every generated text of the trial's questions, from the engine it loads."""
+    samples, _ = load_samples(trial.dataset)
+    items = [LoadedSample(sample, sample.load_image(), 0.0) for sample in samples]
+    completions = _loaded(trial).run(items, DecodingParams.from_trial(trial), trial.batch_size)
+    return [text for completion in completions for text in completion.texts]
+
+
+def _assert_six_metrics(metrics: dict[str, float]) -> None:
+    for name in HEADLINE_METRICS:
+        assert math.isfinite(metrics[name]), (name, metrics)
+
+
+# --- bad input: refused in one line, before any model loads ---------------------------------
+
+
+def test_without_vllm_the_cli_gives_the_install_command_in_one_line(tmp_path: Path) -> None:
+    # sys.modules[name] = None makes the import system (and find_spec) report vLLM as absent.
+    code = (
+        "import sys; sys.modules['vllm'] = None; sys.argv = ['sweeper', 'engine=vllm']; "
+        "from sweeper.cli import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "'engine': 'vllm'" in lines[0]
+    assert "scripts/install_vllm_cpu.sh" in lines[0] and "pip install" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "allowed"),
+    [
+        (["beam_num=2", "temperature=0.7"], "temperature", "cannot sample them"),
+        (["beam_num=2", "continuous_batching=true"], "continuous_batching", "outside its"),
+        (["kv_cache=static"], "kv_cache", "manages its own paged KV cache"),
+        (["batch_size=64", "num_samples=8", "temperature=1"], "batch_size", "max_num_seqs"),
+        (["engine.gpu_memory_utilization=1.5"], "engine.gpu_memory_utilization", "(0, 1]"),
+        (["engine.load_format=npz"], "engine.load_format", "dummy"),
+    ],
+)
+def test_unsupported_combinations_are_refused(overrides: list[str], key: str, allowed: str):
+    with pytest.raises(BadInput) as error:
+        preflight(["engine=vllm", *overrides])
+    message = str(error.value)
+    assert "\n" not in message and f"'{key}'" in message and allowed in message, message
+
+
+# --- trials ------------------------------------------------------------------------------------
+
+
+def test_trial_logs_six_metrics_and_greedy_answers_agree_with_hf() -> None:
+    questions = ("dataset.limit=50",)
+    hf_texts = _texts(_trial("engine=hf", f"model={MODEL}", *questions))
+
+    trial = _trial(*VLLM, *questions)
+    result = run_trial(trial)
+    _assert_six_metrics(result.metrics)
+    assert result.metrics["num_samples_measured"] == 50
+    assert result.tags["engine"] == "vllm" and "pre-allocates" in result.tags["vllm_memory"]
+    # The peak covers the engine core and its worker, which run in child processes.
+    assert _loaded(trial).processes, "vLLM's engine processes were not found"
+    assert result.metrics["peak_mem_gb"] > 0
+    # Static batches: vLLM's histogram starts at each request's own arrival, ttft_s at the
+    # batch's submission, so it adds the wait for the requests rendered before it.
+    assert 0 < result.metrics["vllm_ttft_s"] <= result.metrics["ttft_s"]
+
+    vllm_texts = _texts(trial)
+    assert len(vllm_texts) == len(hf_texts) == 50
+    agree = sum(a == b for a, b in zip(hf_texts, vllm_texts, strict=True))
+    assert agree >= 0.95 * 50, list(zip(hf_texts, vllm_texts, strict=True))[:5]
+
+
+def test_beam_search_runs_through_vllm() -> None:
+    trial = _trial(*VLLM, "dataset.limit=2", "beam_num=2", "num_samples=2", "max_new_tokens=3")
+    result = run_trial(trial)
+    _assert_six_metrics(result.metrics)
+    assert 2 <= result.metrics["output_tokens"] <= 2 * 2 * 3  # two beams per question
+    assert result.metrics["ttft_s"] <= result.metrics["latency_s"]
+
+
+def test_prompt_longer_than_max_model_len_is_a_clear_error() -> None:
+    trial = _trial(*VLLM, "dataset.limit=1", "batch_size=1", f"system_prompt='{'red ' * 5000}'")
+    with pytest.raises(ConfigError, match=r"'engine.max_model_len'.*prompt length: question"):
+        run_trial(trial)
+    # The engine stays usable: nothing of the refused batch is left in it.
+    assert run_trial(_trial(*VLLM, "dataset.limit=2", "batch_size=2")).metrics["tps"] > 0
+
+
+def test_prefix_caching_hits_the_shared_prefix_and_cuts_prefill() -> None:
+    workload = (*VLLM, "dataset.limit=16", f"system_prompt='{SYSTEM_PROMPT}'")
+    off_trial = _trial(*workload, "prefix_caching=false")
+    off = run_trial(off_trial)
+    old_processes = _loaded(off_trial).processes
+    on = run_trial(_trial(*workload, "prefix_caching=true"))
+
+    # Loading the prefix_caching=true engine shut the other one down, processes and all.
+    assert not [p for p in old_processes if p.is_running() and p.status() != "zombie"]
+    assert off.metrics["prefix_cache_hit_rate"] == 0
+    assert on.metrics["prefix_cache_hit_rate"] > 0
+    # The hit rate from per-request counts agrees with vLLM's own counters for the run.
+    assert on.metrics["prefix_cache_hit_rate"] == pytest.approx(
+        on.metrics["vllm_prefix_cache_hit_rate"], abs=0.01
+    )
+    assert on.metrics["prefill_s"] < off.metrics["prefill_s"]
+    assert [p["prediction"] for p in on.predictions] == [p["prediction"] for p in off.predictions]
+
+
+def test_continuous_batching_schedules_batch_size_and_ttft_matches_vllm() -> None:
+    trial = _trial(*VLLM, "dataset.limit=24", "continuous_batching=true", "batch_size=8")
+    result = run_trial(trial)
+    _assert_six_metrics(result.metrics)
+    scheduler = _loaded(trial).llm.llm_engine.vllm_config.scheduler_config
+    assert scheduler.max_num_seqs == 8
+    # Every request is submitted on its own here, so ttft_s is vLLM's own TTFT.
+    ours, vllms = result.metrics["ttft_s"], result.metrics["vllm_ttft_s"]
+    assert abs(ours - vllms) <= 0.05 * vllms, (ours, vllms)
+
+
+@pytest.mark.slow
+def test_grid_over_both_engines_runs_in_one_multirun(tmp_path: Path, store: dict) -> None:
+    ENGINE_CACHE.clear()  # this process's engine would only crowd the machine
+    result = run_cli(["-m", "engine=hf,vllm", "dataset.limit=4", *store["args"]], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sweep: 2 trials, 0 failed" in result.stdout
+
+    import mlflow
+
+    mlflow.set_tracking_uri(store["uri"])
+    runs = mlflow.search_runs(experiment_names=["sweeper"], output_format="list")
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(c.data.tags["engine"] for c in children) == ["hf", "vllm"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        _assert_six_metrics(child.data.metrics)
