@@ -104,7 +104,7 @@ GIB = 1024**3
 # processes hold it; a fixed KV cache starts anywhere.
 CPU_KV_CACHE_GB = 1.0
 INSTALL_HINT = (
-    "an installed vLLM: pip install -e '.[vllm]' on a GPU host with torch 2.11, "
+    "an installed vLLM: pip install vllm==0.26.0 on a GPU host with torch 2.11, "
     "or scripts/install_vllm_cpu.sh on CPU"
 )
 _TTFT = "vllm:time_to_first_token_seconds"
@@ -363,8 +363,8 @@ class VLLMEngine(Engine):
         return ConfigError(
             "engine.max_model_len",
             self.max_model_len,
-            f"at least the prompt length: {question} has {error.value}+ tokens with its image "
-            "(raise it, or shorten system_prompt)",
+            f"at least the prompt length: {question} has {error.value}+ prompt tokens, image "
+            "included (raise it, or shorten the system prompt)",
         )
 
     def _generate(
@@ -379,16 +379,21 @@ class VLLMEngine(Engine):
 
         params = self._sampling_params(decoding)
         submitted: list[_Submitted] = []
-        for item in items:
-            submit = time.time() if batch_submitted is None else batch_submitted
-            start = time.perf_counter()
-            try:
+        question = ""
+        try:
+            for item in items:  # a workload's iterator may raise too (a broken image)
+                question = f"question {item.sample.question_id}"
+                submit = time.time() if batch_submitted is None else batch_submitted
+                start = time.perf_counter()
                 self.llm.enqueue(self._prompt(item, decoding), params, use_tqdm=False)
-            except VLLMValidationError as error:
-                # Finish what was submitted, so that the engine is clean for the next trial.
-                self.llm.wait_for_completion(use_tqdm=False)
-                raise self._too_long(error, f"question {item.sample.question_id}") from None
-            submitted.append(_Submitted(item, submit, item.decode_s + time.perf_counter() - start))
+                preprocess_s = item.decode_s + time.perf_counter() - start
+                submitted.append(_Submitted(item, submit, preprocess_s))
+        except Exception as error:
+            # Finish what was submitted, so that the engine is clean for the next trial.
+            self.llm.wait_for_completion(use_tqdm=False)
+            if isinstance(error, VLLMValidationError):
+                raise self._too_long(error, question) from None
+            raise
         # In submission order: vLLM returns outputs sorted by its request counter.
         outputs = self.llm.wait_for_completion(use_tqdm=False)
         return [
