@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -214,7 +215,7 @@ class HFEngine(Engine):
         self.image_token_id = self.model.config.image_token_id
         self.text_config = self.model.config.get_text_config(decoder=True)
         self.prefix_store = PrefixStore(engine_cfg.prefix_cache_tokens)
-        self._continuous: tuple[Any, Any] | None = None  # (sizes, running manager)
+        self._continuous: tuple[Any, Any] | None = None  # (its sizes, the running manager)
         self.compile_config: CompileConfig | None = None
         if engine_cfg.compile:
             # One config object for the engine's life: `get_compiled_call` recompiles whenever
@@ -508,14 +509,15 @@ class HFEngine(Engine):
         on_batch: Callable[[int], None] | None = None,
     ) -> list[Completion]:
         if not decoding.continuous_batching:
-            self._stop_continuous()
+            self._stop_continuous()  # gives generate back the model's own attention
             return super().run(samples, decoding, batch_size, on_batch)
         return self._run_continuous(list(samples), decoding, batch_size, on_batch)
 
     def _continuous_manager(self, prompt_len: int, decoding: DecodingParams, batch_size: int):
-        """A running ContinuousBatchingManager sized for these requests, kept across calls: its
-        start is cheap but its stop waits ~0.5 s for the loop thread, which would be counted in
-        every measured run. Sizes are rounded up to powers of two so similar calls share it."""
+        """A running manager for at most `batch_size` requests (of `num_samples` sequences each)
+        at a time, with a paged cache that holds them. Kept across calls: stopping one waits
+        ~0.5 s for its loop thread, which every measured run would count. Prompt lengths are
+        rounded up to a power of two so that similar calls share it."""
         prompt_len = 1 << (prompt_len - 1).bit_length()
         pages = math.ceil((prompt_len + decoding.max_new_tokens) / _CB_PAGE_TOKENS)
         n = decoding.num_samples
@@ -534,22 +536,58 @@ class HFEngine(Engine):
         if self._continuous is not None and self._continuous[0] == key:
             return self._continuous[1]
         self._stop_continuous()
-        generation = GenerationConfig(**kwargs, eos_token_id=sorted(self.eos_ids))
         manager = self.model.init_continuous_batching(
-            generation_config=generation, continuous_batching_config=config
+            generation_config=GenerationConfig(**kwargs, eos_token_id=sorted(self.eos_ids)),
+            continuous_batching_config=config,
         )
-        manager.start()
+        # Started from a daemon thread, so that its loop thread is a daemon too (threads inherit
+        # it): a manager still kept when the process ends must not hold the interpreter open.
+        starter = threading.Thread(target=manager.start, daemon=True)
+        starter.start()
+        starter.join()
         self._continuous = (key, manager)
         return manager
 
     def _stop_continuous(self) -> None:
-        """Stop the kept manager (it also gives the model back its attention implementation,
-        which continuous batching swaps for its paged one while it runs)."""
+        """Stop the kept manager, which also gives the model back the attention implementation
+        that continuous batching swaps for its paged one while it runs."""
         if self._continuous is not None:
             manager = self._continuous[1]
             self._continuous = None
-            manager.stop(block=True)
-            manager.destroy()
+            manager.destroy()  # stops (and joins) its loop thread first
+
+    def _continuous_answers(
+        self,
+        manager: Any,
+        prompts: list[list[int]],
+        decoding: DecodingParams,
+        on_batch: Callable[[int], None] | None,
+    ) -> tuple[list[str], dict[str, Any], dict[str, int]]:
+        """Submit every prompt at once and wait for all their sequences: the request ids, the
+        finished outputs by id (children `<id>__child#<i>`), and the reused prompt tokens."""
+        n = decoding.num_samples
+        results: dict[str, Any] = {}
+        with _continuous_prefix_hits() as hits:
+            ids = manager.add_requests(
+                prompts, max_new_tokens=decoding.max_new_tokens, record_timestamps=True
+            )
+            parents = dict.fromkeys(ids, 0)
+            while len(results) < len(ids) * n:
+                result = manager.get_result(timeout=1)
+                if result is None:
+                    if not manager.is_running():
+                        raise RuntimeError("continuous batching stopped before every answer")
+                    continue
+                if not result.is_finished():
+                    continue
+                if result.error is not None:
+                    raise RuntimeError(f"continuous batching: {result.error}")
+                results[result.request_id] = result
+                parent = result.request_id.split("__child#")[0]
+                parents[parent] += 1
+                if parents[parent] == n and on_batch is not None:
+                    on_batch(1)
+        return ids, results, hits
 
     @torch.inference_mode()
     def _run_continuous(
@@ -574,27 +612,7 @@ class HFEngine(Engine):
             preprocess.append(item.decode_s + time.perf_counter() - start)
         n = decoding.num_samples
         manager = self._continuous_manager(max(len(p) for p in prompts), decoding, batch_size)
-        results: dict[str, Any] = {}
-        with _continuous_prefix_hits() as hits:
-            ids = manager.add_requests(
-                prompts, max_new_tokens=decoding.max_new_tokens, record_timestamps=True
-            )
-            parents = {request_id: 0 for request_id in ids}
-            while len(results) < len(ids) * n:
-                result = manager.get_result(timeout=1)
-                if result is None:
-                    if not manager.is_running():
-                        raise RuntimeError("continuous batching stopped before every answer")
-                    continue
-                if not result.is_finished():
-                    continue
-                if result.error is not None:
-                    raise RuntimeError(f"continuous batching: {result.error}")
-                results[result.request_id] = result
-                parent = result.request_id.split("__child#")[0]
-                parents[parent] += 1
-                if parents[parent] == n and on_batch is not None:
-                    on_batch(1)
+        ids, results, hits = self._continuous_answers(manager, prompts, decoding, on_batch)
 
         completions = []
         for item, request_id, prompt, prep in zip(items, ids, prompts, preprocess, strict=True):
