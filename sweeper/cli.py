@@ -59,7 +59,7 @@ def _group_options(group: str) -> list[str]:
     from hydra.core.global_hydra import GlobalHydra
 
     loader = GlobalHydra.instance().config_loader()
-    return sorted(o for o in loader.get_group_options(group) if not o.endswith("_schema"))
+    return sorted(loader.get_group_options(group))
 
 
 def _known_keys(cfg: DictConfig, key: str) -> str:

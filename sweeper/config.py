@@ -409,7 +409,11 @@ def asset_path(name: str) -> str:
 
 
 def register_configs() -> None:
-    """Register the schemas that conf/ YAML files extend (`defaults: [<name>_schema, _self_]`)."""
+    """Register the schemas that conf/ YAML files extend.
+
+    A group option extends its schema with `defaults: [/schema_<group>_<name>@_here_, _self_]`;
+    schemas live outside the groups so that `--help` lists only real options.
+    """
     from omegaconf import OmegaConf
 
     # `${sweeper_asset:tiny_vlm}` in conf/ resolves to the checkpoint shipped with the package.
@@ -421,13 +425,13 @@ def register_configs() -> None:
     from hydra_plugins.sweeper_optuna.config import register_plugin
 
     register_plugin()
-    cs.store(group="engine", name="hf_schema", node=HFEngineConfig)
-    cs.store(group="engine", name="vllm_schema", node=VLLMEngineConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="workload", name="single_schema", node=WorkloadConfig)
-    cs.store(group="workload", name="shared_prefix_schema", node=SharedPrefixWorkloadConfig)
-    cs.store(group="workload", name="multi_sample_schema", node=MultiSampleWorkloadConfig)
-    cs.store(group="workload", name="multi_turn_schema", node=MultiTurnWorkloadConfig)
-    cs.store(group="dataset", name="easy_vqa_schema", node=EasyVQAConfig)
-    cs.store(group="dataset", name="okvqa_schema", node=OKVQAConfig)
-    cs.store(group="dataset", name="okvqa_hf_schema", node=OKVQAHFConfig)
+    cs.store(name="schema_engine_hf", node=HFEngineConfig)
+    cs.store(name="schema_engine_vllm", node=VLLMEngineConfig)
+    cs.store(name="schema_model_model", node=ModelConfig)
+    cs.store(name="schema_workload_single", node=WorkloadConfig)
+    cs.store(name="schema_workload_shared_prefix", node=SharedPrefixWorkloadConfig)
+    cs.store(name="schema_workload_multi_sample", node=MultiSampleWorkloadConfig)
+    cs.store(name="schema_workload_multi_turn", node=MultiTurnWorkloadConfig)
+    cs.store(name="schema_dataset_easy_vqa", node=EasyVQAConfig)
+    cs.store(name="schema_dataset_okvqa", node=OKVQAConfig)
+    cs.store(name="schema_dataset_okvqa_hf", node=OKVQAHFConfig)
