@@ -19,6 +19,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow 3.17's telemetry failed trials under the Ray launcher; nothing here needs it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -132,6 +134,10 @@ def preflight(args: list[str]) -> None:
                 raise BadInput(_explain(error, combo, base)) from None
             if not multirun:
                 check_values(cfg)
+    from sweeper.tracking.store import unreachable_reason
+
+    if problem := unreachable_reason(str(cfg.tracking.uri)):
+        raise BadInput(problem)
 
 
 def check_values(cfg: DictConfig) -> Any:

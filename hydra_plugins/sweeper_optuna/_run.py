@@ -1,9 +1,18 @@
-"""The ask-and-tell loop: one Hydra job per Optuna trial, resumable, linked to MLflow."""
+"""The ask-and-tell loop: one Hydra job per Optuna trial, resumable, linked to MLflow.
+
+Any number of workers (the same command, on other GPUs or hosts) may share a study in one
+database: each asks its own trials, in batches of n_jobs, until the study holds n_trials; a
+trial whose worker died is FAILed and queued again (see _workers.py), and a worker with nothing
+left to ask waits for the other workers' running trials, so that it can take over their retries.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +21,7 @@ import optuna
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.sweeper_optuna._definition import (
@@ -26,14 +36,26 @@ from hydra_plugins.sweeper_optuna._definition import (
 )
 from hydra_plugins.sweeper_optuna._errors import StudyError
 from hydra_plugins.sweeper_optuna._space import SearchSpace, parse_space
+from hydra_plugins.sweeper_optuna._storage import StudyLock, check_url, display_url, open_storage
 from hydra_plugins.sweeper_optuna._tracking import RUN_ATTR, StudyTracking
+from hydra_plugins.sweeper_optuna._workers import (
+    WORKER_ATTR,
+    Heartbeats,
+    Worker,
+    is_gone,
+    this_worker,
+)
 from hydra_plugins.sweeper_optuna.config import SAMPLERS
+from sweeper.tracking.store import unreachable_reason
 
 # Study user attrs: trial numbers cut short by Ctrl-C or a crash (they do not count toward
 # n_trials), and the objectives the study was created with (a resume must not change them).
 INTERRUPTED_ATTR = "interrupted_trials"
 OBJECTIVES_ATTR = "objectives"
+# Trial user attrs of a rerun of a trial cut short: the trial it reruns, and how many reruns
+# of that configuration there have been (max_retry caps them).
 RETRY_ATTR = "retry_of"
+RETRIES_ATTR = "retries"
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,10 @@ class Settings:
     objectives: list[str]
     constraints: list[str]
     params: dict[str, Any]
+    n_jobs: int | None
+    heartbeat_interval: int
+    grace_period: int | None
+    max_retry: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,7 @@ class StudyPlan:
     name: str
     storage: str
     n_trials: int
+    n_jobs: int
 
 
 def study_folder(config: DictConfig) -> Path:
@@ -77,11 +104,13 @@ def plan_study(settings: Settings, config: DictConfig, arguments: list[str]) -> 
     """Everything checked before a study is opened or a model loaded (errors are one line)."""
     if settings.sampler not in SAMPLERS:
         raise StudyError(f"unknown sampler '{settings.sampler}' (allowed: {', '.join(SAMPLERS)})")
-    if settings.n_trials < 1:
-        raise StudyError(
-            f"invalid value for 'hydra.sweeper.n_trials': {settings.n_trials} "
-            "(allowed: an integer >= 1)"
-        )
+    _check_at_least("n_trials", settings.n_trials, 1)
+    _check_at_least("heartbeat_interval", settings.heartbeat_interval, 1)
+    _check_at_least("max_retry", settings.max_retry, 0)
+    if settings.n_jobs is not None:
+        _check_at_least("n_jobs", settings.n_jobs, 1)
+    if settings.grace_period is not None:
+        _check_at_least("grace_period", settings.grace_period, settings.heartbeat_interval + 1)
     space = parse_space(settings.params, arguments, settings.sampler)
     objectives = parse_objectives(settings.objectives)
     constraints = [parse_constraint(text) for text in settings.constraints]
@@ -89,17 +118,36 @@ def plan_study(settings: Settings, config: DictConfig, arguments: list[str]) -> 
         str(config.experiment_name), settings.sampler, space, objectives, constraints
     )
     storage = settings.storage or f"sqlite:///{study_folder(config) / 'optuna.db'}"
+    check_url(storage)
     n_trials = settings.n_trials
     if settings.sampler == "grid":
         n_trials = min(n_trials, space.grid_size)
-    return StudyPlan(space, objectives, constraints, name, storage, n_trials)
+    n_jobs = settings.n_jobs or launcher_jobs(config)
+    return StudyPlan(space, objectives, constraints, name, storage, n_trials, n_jobs)
 
 
-def _open_study(plan: StudyPlan, settings: Settings) -> optuna.Study:
+def _check_at_least(key: str, value: int, least: int) -> None:
+    if value < least:
+        raise StudyError(
+            f"invalid value for 'hydra.sweeper.{key}': {value} (allowed: an integer >= {least})"
+        )
+
+
+def launcher_jobs(config: DictConfig) -> int:
+    """The launcher's parallel jobs: joblib's n_jobs (-1: every CPU, -2: all but one, ...);
+    1 for a launcher without one (basic)."""
+    jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
+    if not isinstance(jobs, int) or jobs == 0:
+        return 1
+    return jobs if jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + jobs)
+
+
+def _open_study(plan: StudyPlan, settings: Settings, storage: RDBStorage) -> optuna.Study:
+    """Create the study or load it (under the lock: workers starting together get one study)."""
     sampler = make_sampler(settings.sampler, settings.seed, plan.space)
     directions = [o.direction for o in plan.objectives]
     study = optuna.create_study(
-        storage=plan.storage,
+        storage=storage,
         study_name=plan.name,
         sampler=sampler,
         directions=directions,
@@ -111,29 +159,21 @@ def _open_study(plan: StudyPlan, settings: Settings) -> optuna.Study:
         study.set_user_attr(OBJECTIVES_ATTR, wanted)
     elif created_with != wanted:
         raise StudyError(
-            f"study '{plan.name}' in {plan.storage} optimises {', '.join(created_with)}, not "
-            f"{', '.join(wanted)}; set another hydra.sweeper.study_name"
+            f"study '{plan.name}' in {display_url(plan.storage)} optimises "
+            f"{', '.join(created_with)}, not {', '.join(wanted)}; set another "
+            "hydra.sweeper.study_name"
         )
     return study
 
 
 def _counted(study: optuna.Study) -> int:
-    """Trials that ran to the end, COMPLETE or FAIL; interrupted ones are not counted."""
+    """Trials that count toward n_trials: finished (COMPLETE or FAIL) or RUNNING on some worker;
+    trials cut short do not count (their reruns do)."""
     interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-    return sum(t.number not in interrupted for t in finished)
-
-
-def _mark_interrupted(study: optuna.Study, trial: FrozenTrial, tracking: StudyTracking) -> None:
-    """FAIL a trial cut short; its configuration is queued to run first on resume (once: a
-    configuration that kills the process twice is not tried a third time)."""
-    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-    study.set_user_attr(
-        INTERRUPTED_ATTR, [*study.user_attrs.get(INTERRUPTED_ATTR, []), trial.number]
+    taken = study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
     )
-    tracking.link(study.study_name, trial.number, "FAIL", None)
-    if RETRY_ATTR not in trial.user_attrs:
-        study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number})
+    return sum(t.number not in interrupted for t in taken)
 
 
 def _outcome(ret: JobReturn, plan: StudyPlan) -> Outcome:
@@ -156,40 +196,164 @@ def _describe(number: int, state: str, outcome: Outcome, plan: StudyPlan) -> str
     return f"[study] trial {number} {state}: {values} ({verdict})"
 
 
-def _run_trial(
-    study: optuna.Study, plan: StudyPlan, launcher: Launcher, tracking: StudyTracking
-) -> JobReturn:
-    trial = study.ask(plan.space.distributions)
-    # job.num = trial number: the trial's output folder and its run's hydra_job_num tag.
-    (ret,) = launcher.launch([plan.space.overrides(trial.params)], trial.number)
-    try:
-        outcome = _outcome(ret, plan)
-    except StudyError:
-        study.tell(trial, state=TrialState.FAIL)
-        raise
-    state = "COMPLETE" if outcome.values is not None else "FAIL"
-    run_id = tracking.link(study.study_name, trial.number, state, outcome.feasible)
-    if run_id:
-        trial.set_user_attr(RUN_ATTR, run_id)
-    if outcome.failure:
-        trial.set_user_attr("failure", outcome.failure[:1000])
-    for text, violation in outcome.constraints.items():
-        trial.set_constraint(text, violation)
-    if outcome.values is None:
-        study.tell(trial, state=TrialState.FAIL)
-    else:
-        study.tell(trial, outcome.values)
-    print(_describe(trial.number, state, outcome, plan), flush=True)
-    return ret
+def _consecutive(batch: list[optuna.Trial]) -> list[list[optuna.Trial]]:
+    """The batch cut where trial numbers jump: Hydra numbers a launch's jobs from one start,
+    and a job's number must be its trial's (its output folder, its run's hydra_job_num tag).
+    New trials asked under the lock are consecutive; only a rerun popped from the queue jumps."""
+    groups: list[list[optuna.Trial]] = []
+    for trial in batch:
+        if groups and trial.number == groups[-1][-1].number + 1:
+            groups[-1].append(trial)
+        else:
+            groups.append([trial])
+    return groups
 
 
-def _fail_running(study: optuna.Study, tracking: StudyTracking) -> list[int]:
-    """FAIL the trials left RUNNING (asked, never told): one process drives a study at a time,
-    so after Ctrl-C, or at the start of a run after a crash, they were cut short."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        _mark_interrupted(study, trial, tracking)
-    return [t.number for t in stale]
+class StudyWorker:
+    """One worker's share of a study: ask under the lock, launch, tell under the lock."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        storage: RDBStorage,
+        plan: StudyPlan,
+        settings: Settings,
+        lock: StudyLock,
+        tracking: StudyTracking,
+        stale: list[FrozenTrial],
+    ) -> None:
+        self.study = study
+        self.storage = storage
+        self.plan = plan
+        self.max_retry = settings.max_retry
+        self.lock = lock
+        self.tracking = tracking
+        self.stale = stale  # filled by the storage's stale-trial callback
+        self.in_flight: dict[int, optuna.Trial] = {}
+
+    def claim(self, heartbeats: Heartbeats) -> list[optuna.Trial]:
+        """Reclaim the trials of dead workers, then ask for as many trials as this worker may
+        run at once and the study still needs."""
+        with self.lock.held():
+            self._reclaim()
+            wanted = min(self.plan.n_jobs, self.plan.n_trials - _counted(self.study))
+            for _ in range(max(wanted, 0)):
+                with warnings.catch_warnings():
+                    # "Heartbeat of storage is supposed to be used with Study.optimize": the
+                    # Heartbeats thread does for asked trials what optimize does for its own.
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = self.study.ask(self.plan.space.distributions)
+                self.in_flight[trial.number] = trial
+                heartbeats.add([trial._trial_id])  # Optuna's own heartbeat thread uses it too
+                trial.set_user_attr(WORKER_ATTR, this_worker().as_attr())
+        return list(self.in_flight.values())
+
+    def _reclaim(self) -> None:
+        """FAIL the RUNNING trials whose worker is gone, and queue them again. Under the lock,
+        a RUNNING trial without a worker attr lost its worker between ask and tagging."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)  # heartbeat stopped: into self.stale
+        gone = []
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = Worker.from_attr(trial.user_attrs.get(WORKER_ATTR))
+            if trial.number not in self.in_flight and (worker is None or is_gone(worker)):
+                gone.append(trial)
+        stale, self.stale[:] = list(self.stale), []
+        for trial in stale:
+            self._retire(trial, f"no heartbeat for {self._grace_period()} s")
+        for trial in gone:
+            self._retire(trial, "its worker's process is gone")
+
+    def _grace_period(self) -> int:
+        assert self.storage.heartbeat_interval is not None
+        return self.storage.grace_period or 2 * self.storage.heartbeat_interval
+
+    def _retire(self, trial: FrozenTrial | optuna.Trial, why: str) -> None:
+        """FAIL a trial cut short; it does not count toward n_trials and its configuration
+        is queued to run again, up to max_retry times. Under the lock."""
+        self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        self.study.set_user_attr(
+            INTERRUPTED_ATTR, [*self.study.user_attrs.get(INTERRUPTED_ATTR, []), trial.number]
+        )
+        self.tracking.link(self.study.study_name, trial.number, "FAIL", None)
+        retries = int(trial.user_attrs.get(RETRIES_ATTR, 0))
+        if retries < self.max_retry:
+            self.study.enqueue_trial(
+                trial.params, user_attrs={RETRY_ATTR: trial.number, RETRIES_ATTR: retries + 1}
+            )
+            then = "queued to run again"
+        else:
+            then = f"not run again (hydra.sweeper.max_retry={self.max_retry})"
+        print(f"[study] trial {trial.number} FAIL: {why}; {then}", file=sys.stderr, flush=True)
+
+    def run(
+        self, batch: list[optuna.Trial], launcher: Launcher, heartbeats: Heartbeats
+    ) -> list[JobReturn]:
+        returns: list[JobReturn] = []
+        for group in _consecutive(batch):
+            overrides = [self.plan.space.overrides(t.params) for t in group]
+            rets = launcher.launch(overrides, group[0].number)
+            for trial, ret in zip(group, rets, strict=True):
+                with self.lock.held():
+                    self._tell(trial, ret)
+                heartbeats.remove([trial._trial_id])
+                del self.in_flight[trial.number]
+                returns.append(ret)
+        return returns
+
+    def _tell(self, trial: optuna.Trial, ret: JobReturn) -> None:
+        if self.storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+            # Another worker took this one for dead (no heartbeat in time) and queued it again:
+            # its rerun is what counts.
+            print(
+                f"[study] trial {trial.number} finished after another worker failed it; its "
+                "rerun counts instead",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        try:
+            outcome = _outcome(ret, self.plan)
+        except StudyError:
+            self.study.tell(trial, state=TrialState.FAIL)
+            raise
+        state = "COMPLETE" if outcome.values is not None else "FAIL"
+        run_id = self.tracking.link(self.study.study_name, trial.number, state, outcome.feasible)
+        if run_id:
+            trial.set_user_attr(RUN_ATTR, run_id)
+        if outcome.failure:
+            trial.set_user_attr("failure", outcome.failure[:1000])
+        for text, violation in outcome.constraints.items():
+            trial.set_constraint(text, violation)
+        if outcome.values is None:
+            self.study.tell(trial, state=TrialState.FAIL)
+        else:
+            self.study.tell(trial, outcome.values)
+        print(_describe(trial.number, state, outcome, self.plan), flush=True)
+
+    def others_running(self) -> list[int]:
+        return [
+            t.number
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.number not in self.in_flight
+        ]
+
+    def interrupt(self) -> None:
+        """After Ctrl-C, which may land anywhere (even inside ask, once the trial exists): FAIL
+        this worker's unfinished trials, queued to run again when the command is rerun."""
+        with self.lock.held():
+            for trial in self.in_flight.values():
+                self._retire(trial, "interrupted; rerun the same command to resume")
+            self.in_flight.clear()
+            self._reclaim()
+
+    def abandon(self) -> None:
+        """After a bad-input error: this worker's other unfinished trials FAIL (not retried)."""
+        with self.lock.held():
+            for trial in self.in_flight.values():
+                self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            self.in_flight.clear()
 
 
 def _print_best(study: optuna.Study, best: list[FrozenTrial], plan: StudyPlan) -> None:
@@ -209,51 +373,77 @@ def run_study(
     settings: Settings, config: DictConfig, launcher: Launcher, arguments: list[str]
 ) -> list[JobReturn]:
     plan = plan_study(settings, config, arguments)
+    problem = unreachable_reason(str(config.tracking.uri))
+    if problem:
+        raise StudyError(problem)
     sweep_dir = Path(str(config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, sweep_dir / "multirun.yaml")  # as Hydra's basic sweeper does
     # One line per trial from us instead of Optuna's INFO line per trial.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    study = _open_study(plan, settings)
 
-    tracking = StudyTracking(config)
-    tracking.open_parent(
-        study,
-        {
-            "optuna_study_name": plan.name,
-            "optuna_storage": plan.storage,
-            "optuna_sampler": settings.sampler,
-            "objectives": ", ".join(str(o) for o in plan.objectives),
-            "constraints": "; ".join(c.text for c in plan.constraints),
-            "search_space": " ".join(f"{k}={v}" for k, v in plan.space.distributions.items()),
-            "sweep_dir": str(sweep_dir),
-            "hydra_overrides": " ".join(arguments),
-        },
-    )
-    _fail_running(study, tracking)  # left by a run of this command that was killed
+    lock = StudyLock(plan.storage)
+    stale: list[FrozenTrial] = []
+    with lock.held():
+        storage = open_storage(
+            plan.storage,
+            settings.heartbeat_interval,
+            settings.grace_period,
+            lambda _study, trial: stale.append(trial),
+        )
+        study = _open_study(plan, settings, storage)
+        tracking = StudyTracking(config)
+        tracking.open_parent(
+            study,
+            {
+                "optuna_study_name": plan.name,
+                "optuna_storage": display_url(plan.storage),
+                "optuna_sampler": settings.sampler,
+                "objectives": ", ".join(str(o) for o in plan.objectives),
+                "constraints": "; ".join(c.text for c in plan.constraints),
+                "search_space": " ".join(f"{k}={v}" for k, v in plan.space.distributions.items()),
+                "sweep_dir": str(sweep_dir),
+                "hydra_overrides": " ".join(arguments),
+            },
+        )
+    worker = StudyWorker(study, storage, plan, settings, lock, tracking, stale)
     print(
-        f"[study] {plan.name}: {_counted(study)}/{plan.n_trials} trials done; "
-        f"storage {plan.storage}; {tracking.view_hint()}",
+        f"[study] {plan.name}: {_counted(study)}/{plan.n_trials} trials done or running; "
+        f"storage {display_url(plan.storage)}; {plan.n_jobs} at a time here; "
+        f"{tracking.view_hint()}",
         flush=True,
     )
     returns: list[JobReturn] = []
-    try:
-        while _counted(study) < plan.n_trials:
-            returns.append(_run_trial(study, plan, launcher, tracking))
-    except StudyError as error:
-        tracking.close_parent("FAILED", str(error))
-        raise
-    except KeyboardInterrupt:
-        # Ctrl-C may land anywhere, even inside ask() once the trial exists: whatever is RUNNING
-        # now was cut short. (The CLI then ends the parent run KILLED, exit status 130.)
-        for number in _fail_running(study, tracking):
-            print(
-                f"[study] trial {number} interrupted: FAIL; rerun the same command to resume",
-                file=sys.stderr,
-                flush=True,
-            )
-        raise
-    best = tracking.log_summary(study, plan.objectives, plan.storage)
+    # Often enough that a worker left waiting notices a dead worker's trial soon after its
+    # grace period, seldom enough to leave the database alone.
+    poll_s = min(settings.heartbeat_interval, 5)
+    waited_for: list[int] = []
+    with Heartbeats(storage, settings.heartbeat_interval) as heartbeats:
+        try:
+            while True:
+                batch = worker.claim(heartbeats)
+                if batch:
+                    returns.extend(worker.run(batch, launcher, heartbeats))
+                    continue
+                running = worker.others_running()
+                if not running:
+                    break
+                if running != waited_for:
+                    print(
+                        f"[study] waiting for trials {', '.join(map(str, running))} on other "
+                        "workers (a dead worker's trial is run again here)",
+                        flush=True,
+                    )
+                    waited_for = running
+                time.sleep(poll_s)
+        except StudyError as error:
+            worker.abandon()
+            tracking.close_parent("FAILED", str(error))
+            raise
+        except KeyboardInterrupt:
+            worker.interrupt()  # the CLI then ends the parent run KILLED, exit status 130
+            raise
+    best = tracking.log_summary(study, plan.objectives, display_url(plan.storage))
     _print_best(study, best, plan)
     return returns

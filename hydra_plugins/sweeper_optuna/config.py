@@ -16,15 +16,29 @@ class OptunaSweeperConf:
     # One of SAMPLERS. grid needs every parameter discrete (choice or range).
     sampler: str = "tpe"
     # Trials the study runs to the end (COMPLETE or FAIL), counting those of earlier runs of the
-    # same study; an interrupted trial does not count, so a resumed study still gets n_trials.
+    # same study and those of every worker sharing it (RUNNING ones too); an interrupted trial
+    # does not count, so a resumed study still gets n_trials.
     n_trials: int = 20
     # null: <experiment_name>-<digest of the study's definition>, the same for the same command.
     study_name: str | None = None
     # null: optuna.db (SQLite) in the deepest folder of hydra.sweep.dir that is the same on every
     # run, so the same command resumes: multirun/optuna.db for Hydra's timestamped default,
     # <hydra.sweep.dir>/optuna.db for a sweep dir without ${now:...}.
+    # Any SQLAlchemy URL; postgresql://user@host:5432/db for workers on several hosts (needs
+    # `pip install 'sweeper[cluster]'`; docs/cluster.md).
     storage: str | None = None
     seed: int | None = None
+    # Trials asked at a time and launched together; null: the launcher's n_jobs (joblib's -1:
+    # one per CPU), else 1. Each worker asks its own.
+    n_jobs: int | None = None
+    # Seconds between a running trial's heartbeats. A trial whose heartbeat stops for
+    # grace_period seconds (null: twice the interval) is FAILed by the next worker to look, and
+    # queued again. A worker on the same machine as the dead one need not wait for that.
+    heartbeat_interval: int = 60
+    grace_period: int | None = None
+    # How often a trial cut short (its worker killed, or Ctrl-C) runs again with the same
+    # parameters; a configuration that kills its worker every time stops there, FAIL.
+    max_retry: int = 1
     # "metric:direction" (max/maximize, min/minimize); several make a multi-objective study.
     objectives: list[str] = field(default_factory=lambda: ["accuracy:maximize"])
     # "metric <= number" or "metric >= number", on the metrics a trial returns. They reach Optuna

@@ -8,13 +8,13 @@ from MLflow (so it covers every launcher), and the count of failed trials for th
 from __future__ import annotations
 
 import os
-import time
+import uuid
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sweeper.tracking.store import PARENT_RUN_ENV, ui_command, use_store
+from sweeper.tracking.store import PARENT_RUN_ENV, SWEEP_ID_ENV, ui_command, use_store
 
 failed_in_last_sweep = 0
 # The Optuna sweeper opens the parent run itself: a study's parent run is reopened when the study
@@ -45,7 +45,7 @@ def _child_rows(client: Any, experiment_id: str, parent_id: str) -> list[dict[st
             "trial": run.data.tags.get("hydra_job_num", ""),
             "status": run.info.status,
             "overrides": run.data.tags.get("hydra_overrides", ""),
-            "start_ms": run.info.start_time,
+            "sweep_id": run.data.tags.get("sweeper_sweep_id", ""),
         }
         row.update({name: run.data.metrics.get(name) for name in HEADLINE_METRICS})
         rows.append(row)
@@ -56,12 +56,15 @@ class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.parent_id: str | None = None
         self.experiment_id: str | None = None
-        self.started_ms = 0
+        self.sweep_id = ""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow import MlflowClient
 
-        self.started_ms = int(time.time() * 1000)
+        # Marks the trials this command launches (also in launcher subprocesses), so its exit
+        # status counts only its own failures, not those of other workers of a shared study.
+        self.sweep_id = uuid.uuid4().hex
+        os.environ[SWEEP_ID_ENV] = self.sweep_id
         if str(config.hydra.sweeper.get("_target_", "")).startswith(_STUDY_SWEEPER):
             return
         self.experiment_id = use_store(
@@ -91,9 +94,9 @@ class MlflowSweepCallback(Callback):
             )
         client = MlflowClient()
         rows = _child_rows(client, self.experiment_id, self.parent_id)
-        # A resumed study's parent run also holds earlier runs' trials: count this run's only.
+        # A study's parent run also holds earlier runs' and other workers' trials: count ours.
         failed_in_last_sweep = sum(
-            1 for row in rows if row["status"] != "FINISHED" and row["start_ms"] >= self.started_ms
+            1 for row in rows if row["status"] != "FINISHED" and row["sweep_id"] == self.sweep_id
         )
         client.set_tag(self.parent_id, "trials", str(len(rows)))
         client.set_tag(self.parent_id, "failed_trials", str(failed_in_last_sweep))
