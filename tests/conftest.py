@@ -12,16 +12,33 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def cli_env() -> dict[str, str]:
+    """This environment, minus what a sweep in the test process itself would hand its trials."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("SWEEPER_PARENT_RUN_ID", None)
+    env.pop("SWEEPER_SWEEP_ID", None)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sweeper", *args],
         cwd=cwd,
-        env=env,
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def start_cli(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """`python -m sweeper ARGS` in the background, its output to `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sweeper", *args],
+        cwd=cwd,
+        env=cli_env(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
 
 

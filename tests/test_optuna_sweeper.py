@@ -8,7 +8,6 @@ the process tree, so the VRAM budget is a budget on peak RSS there.
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -32,7 +31,7 @@ from hydra_plugins.sweeper_optuna._definition import (
 from hydra_plugins.sweeper_optuna._errors import StudyError
 from hydra_plugins.sweeper_optuna._space import parse_space
 from sweeper.reports.pareto import dominates
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, start_cli
 
 # Small, quick trials; no predictions table (less to log, less allocator noise in peak RSS).
 FAST = ["dataset.limit=4", "max_new_tokens=8", "tracking.log_predictions=false"]
@@ -292,18 +291,6 @@ def _poll_trials(db: Path) -> dict[int, str]:
         return {}
 
 
-def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("SWEEPER_PARENT_RUN_ID", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "sweeper", *args],
-        cwd=cwd,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-
-
 def _interrupt_when_running(
     proc: subprocess.Popen, db: Path, number: int, sig: int, log: Path
 ) -> None:
@@ -333,13 +320,13 @@ def test_resume_after_ctrl_c_and_after_a_crash(tmp_path: Path, store: dict) -> N
     log = tmp_path / "study.log"
 
     # Ctrl-C while trial 1 runs: trial 0 stays COMPLETE, trial 1 is FAIL.
-    proc = _start(args, tmp_path, log)
+    proc = start_cli(args, tmp_path, log)
     _interrupt_when_running(proc, db, 1, signal.SIGINT, log)
     assert proc.returncode == 130, log.read_text()[-3000:]
     assert _poll_trials(db) == {0: "COMPLETE", 1: "FAIL", 2: "WAITING"}  # 2: trial 1 again
 
     # The same command, killed hard while trial 2 (the retry of 1) runs: it stays RUNNING.
-    proc = _start(args, tmp_path, log)
+    proc = start_cli(args, tmp_path, log)
     _interrupt_when_running(proc, db, 2, signal.SIGKILL, log)
     assert _poll_trials(db)[2] == "RUNNING"
 

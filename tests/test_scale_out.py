@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.sweeper_optuna._run import _consecutive, launcher_jobs
 from sweeper.tracking.store import unreachable_reason
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, start_cli
 from tests.servers import create_database, free_port, mlflow_server, postgres_server
 
 # Small, quick trials; tps varies with the configuration (accuracy is 1.0 on all of them).
@@ -66,18 +66,6 @@ def _study_args(servers: Servers, study: str, sweep_dir: Path) -> list[str]:
     ]
 
 
-def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("SWEEPER_PARENT_RUN_ID", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "sweeper", *args],
-        cwd=cwd,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-
-
 def _finish(proc: subprocess.Popen, log: Path) -> int:
     try:
         return proc.wait(timeout=WORKER_TIMEOUT_S)
@@ -108,7 +96,7 @@ def test_two_workers_share_one_study(tmp_path: Path, servers: Servers) -> None:
     args = [*_study_args(servers, "shared", tmp_path / "{w}"), "hydra.sweeper.sampler=grid"]
     args += ["hydra.sweeper.n_trials=8", "batch_size=1,2,4,8", "max_new_tokens=4,8"]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    workers = [_start([a.replace("{w}", log.stem) for a in args], tmp_path, log) for log in logs]
+    workers = [start_cli([a.replace("{w}", log.stem) for a in args], tmp_path, log) for log in logs]
     for proc, log in zip(workers, logs, strict=True):
         assert _finish(proc, log) == 0, log.read_text()[-3000:]
 
@@ -147,8 +135,8 @@ def test_a_killed_workers_trial_is_failed_and_run_again(tmp_path: Path, servers:
     args = [*_study_args(servers, "killed", tmp_path / "{w}"), "hydra.sweeper.sampler=grid"]
     args += ["batch_size=1,2,4", "max_new_tokens=4,8"]  # 6 trials
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    survivor = _start([a.replace("{w}", "a") for a in args], tmp_path, log_a)
-    victim = _start([a.replace("{w}", "b") for a in args], tmp_path, log_b)
+    survivor = start_cli([a.replace("{w}", "a") for a in args], tmp_path, log_a)
+    victim = start_cli([a.replace("{w}", "b") for a in args], tmp_path, log_b)
 
     # SIGKILL the victim during its second trial, once that trial's MLflow run has started,
     # so that it has finished one trial (which must stay) and leaves one cut short.
