@@ -167,6 +167,9 @@ def test_peak_rss_matches_the_kernel_high_water_mark() -> None:
     ).stdout.split()
     ours, kernel, rate, source = float(out[0]), float(out[1]), float(out[2]), out[3]
     assert source == "rss_process_tree"
-    assert ours == pytest.approx(kernel, rel=0.05)
+    # Sampling can only miss the true peak, never exceed it: what it may miss is a spike shorter
+    # than a sampling interval (a busy machine delays the sampler), never the 600 MiB block.
+    assert ours <= kernel * 1.01
+    assert ours >= kernel - 0.1, (ours, kernel)
     assert ours > 0.58  # the 600 MiB block was seen although it lived only 0.3 s
     assert rate >= 20, out  # samples per second
