@@ -99,18 +99,11 @@ def hf_rows(official: Official) -> dict[str, list[Any]]:
 
 
 def hf_dataset(columns: dict[str, list[Any]]) -> Any:
-    from datasets import Dataset, Features, Image, List, Value
+    from datasets import Dataset
 
-    features = Features(
-        {
-            "question_id": Value("string"),
-            "image": Image(),
-            "question": Value("string"),
-            "answers": List(Value("string")),
-            "question_type": Value("string"),
-            "answer_type": Value("string"),
-        }
-    )
+    from sweeper.data.okvqa_hf import okvqa_hf_features
+
+    features = okvqa_hf_features()
     return Dataset.from_dict(columns, features=features)
 
 

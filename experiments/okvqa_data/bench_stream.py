@@ -65,21 +65,14 @@ def _hf_rows(root: Path) -> Iterator[dict[str, Any]]:
 
 def _write_parquet(root: Path) -> Path:
     """lmms-lab-style shards of the replica (written once, streamed: bounded memory)."""
-    from datasets import Dataset, Features, Image, List, Value
+    from datasets import Dataset
+
+    from sweeper.data.okvqa_hf import okvqa_hf_features
 
     folder = root / "hf" / "data"
     if folder.exists():
         return folder.parent
-    features = Features(
-        {
-            "question_id": Value("string"),
-            "image": Image(),
-            "question": Value("string"),
-            "answers": List(Value("string")),
-            "question_type": Value("string"),
-            "answer_type": Value("string"),
-        }
-    )
+    features = okvqa_hf_features()
     build_cache = root / "hf-build-cache"
     dataset = Dataset.from_generator(
         _hf_rows, gen_kwargs={"root": root}, features=features, cache_dir=str(build_cache)

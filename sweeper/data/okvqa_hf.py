@@ -30,6 +30,22 @@ from sweeper.data.okvqa import Record, build_samples
 COLUMNS = ("question_id", "image", "question", "answers", "question_type", "answer_type")
 
 
+def okvqa_hf_features() -> Any:
+    """The `datasets` features of lmms-lab/OK-VQA (what fixtures and the replica write)."""
+    from datasets import Features, Image, List, Value
+
+    return Features(
+        {
+            "question_id": Value("string"),
+            "image": Image(),
+            "question": Value("string"),
+            "answers": List(Value("string")),
+            "question_type": Value("string"),
+            "answer_type": Value("string"),
+        }
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class ArrowImage(LazyImage):
     """Row `index` of a one-column (image) dataset: bytes, or a path when only that is stored."""

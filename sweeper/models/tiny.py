@@ -180,8 +180,17 @@ def build_config(spec: TinyVLMSpec, tokenizer):
     )
 
 
-def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec | None = None) -> Path:
-    """Write a random-weight tiny Qwen2.5-VL (model, tokenizer, processor) to `out_dir`."""
+def build_tiny_vlm(
+    out_dir: str | Path,
+    spec: TinyVLMSpec | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> Path:
+    """Write a random-weight Qwen2.5-VL of `spec`'s shape (model, tokenizer, processor).
+
+    `device="cuda"` initialises large shapes in seconds where a CPU takes minutes.
+    """
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -190,8 +199,10 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec | None = None) -> Path
     tokenizer = build_tokenizer(easy_vqa_corpus() + list(spec.extra_corpus), spec.bpe_vocab_size)
     processor = build_processor(tokenizer, spec.image_size)
     config = build_config(spec, tokenizer)
+    config.dtype = getattr(torch, dtype)
     torch.manual_seed(spec.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         eos_token_id=config.text_config.eos_token_id,
         pad_token_id=config.text_config.pad_token_id,
