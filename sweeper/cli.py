@@ -193,9 +193,7 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
 
             result = run_trial(trial, progress)
             bar.close()
-            log_result(
-                result, OmegaConf.to_yaml(cfg, resolve=True), cfg.tracking.log_predictions
-            )
+            log_result(result, OmegaConf.to_yaml(cfg, resolve=True), cfg.tracking.log_predictions)
     except Exception as error:
         if bar is not None:
             bar.close()

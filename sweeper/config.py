@@ -19,6 +19,7 @@ KV_CACHE_MODES = ("dynamic", "static", "offloaded", "quantized", "off")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_ERROR = ("raise", "skip")
+MODEL_BUILDERS = ("tiny_random", "qwen2_5_vl_7b_arch")
 
 
 class ConfigError(ValueError):
@@ -154,7 +155,7 @@ class ModelConfig:
             "exactly one of model.path and model.builder",
         )
         if self.builder is not None:
-            _check_choice("model.builder", self.builder, ("tiny_random",))
+            _check_choice("model.builder", self.builder, MODEL_BUILDERS)
         if self.path is not None and looks_like_local_path(self.path):
             check_existing_path("model.path", self.path, "an existing model folder or a hub id")
 
@@ -332,6 +333,9 @@ class TrialConfig:
     top_k: int = 0
     top_p: float = 1.0
     num_samples: int = 1
+    # Generate exactly max_new_tokens tokens, EOS ignored (HF min_new_tokens, vLLM ignore_eos):
+    # performance runs with a fixed output length, e.g. on random weights.
+    ignore_eos: bool = False
     batch_size: int = 8
     seed: int = 0
     # A system message before every question, the same for all (null: the chat template's

@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         "--parent", help="the sweep's parent run id (default: the experiment's latest sweep)"
     )
     parser.add_argument(
+        "--all-runs",
+        action="store_true",
+        help="every finished trial of the experiment (all sweeps and single runs), not one sweep",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="output folder (default: outputs/report/<experiment>/<parent run id>)",
@@ -71,9 +76,15 @@ def report(args: argparse.Namespace) -> Path:
         raise ReportError(
             f"no experiment '{args.experiment}' in {args.tracking_uri} (experiments: {known})"
         )
+    if args.all_runs and args.parent:
+        raise ReportError("--all-runs and --parent exclude each other")
     try:
-        parent = args.parent or latest_parent(client, experiment.experiment_id)
-        run_name = client.get_run(parent).info.run_name
+        parent = (
+            None
+            if args.all_runs
+            else args.parent or latest_parent(client, experiment.experiment_id)
+        )
+        run_name = "all runs" if parent is None else client.get_run(parent).info.run_name
     except MlflowException:
         raise ReportError(f"no run '{args.parent}' in {args.tracking_uri}") from None
     points, incomplete = load_points(client, experiment.experiment_id, parent, objectives)
@@ -82,20 +93,22 @@ def report(args: argparse.Namespace) -> Path:
         raise ReportError(f"no finished trial of run {parent} logged all of: {metrics}")
     mark_front(points, objectives)
 
-    out = args.out or Path("outputs/report") / args.experiment / parent
+    out = args.out or Path("outputs/report") / args.experiment / (parent or "all_runs")
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.experiment}: {run_name} ({len(points)} trials)"
     files = [out / "pareto.html", out / "pareto.png", out / "pareto.csv"]
     write_html(points, objectives, title, files[0])
     write_png(points, objectives, title, files[1])
     write_csv(points, objectives, files[2])
-    for path in files:
-        client.log_artifact(parent, str(path), "report")
+    if parent is not None:  # runs of several sweeps have no one run to log to
+        for path in files:
+            client.log_artifact(parent, str(path), "report")
 
     show(front_table(points, objectives))
     if incomplete:
         print(f"{incomplete} finished trial(s) left out: they lack one of the objectives")
-    print(f"report: {out}/pareto.html, pareto.png, pareto.csv (logged to run {parent})")
+    logged = f" (logged to run {parent})" if parent else ""
+    print(f"report: {out}/pareto.html, pareto.png, pareto.csv{logged}")
     return out
 
 

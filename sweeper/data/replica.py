@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,8 +243,20 @@ class Summary:
         )
 
 
+def _write_image(job: tuple[Path, int, int, tuple[int, int], float]) -> int:
+    path, seed, index, size, scale = job
+    # 4:4:4 chroma keeps the files near the heavy end of what COCO-sized photos can weigh.
+    render_image(seed, index, size, scale).save(path, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return path.stat().st_size
+
+
 def generate(
-    out: Path, n: int, seed: int = 0, scale: float = 1.0, progress: bool = True
+    out: Path,
+    n: int,
+    seed: int = 0,
+    scale: float = 1.0,
+    progress: bool = True,
+    workers: int = 1,
 ) -> Summary:
     """Write the replica under `out` (official OK-VQA layout plus the replica marker)."""
     from tqdm.auto import tqdm
@@ -257,13 +271,14 @@ def generate(
     first_of_image = {}
     for question in questions:
         first_of_image.setdefault(question.image_id, question)
-    sizes = []
-    for index, question in enumerate(tqdm(first_of_image.values(), "images", disable=not progress)):
-        path = image_dir / image_file_name(question.image_id)
-        image = render_image(seed, index, question.size, scale)
-        # 4:4:4 chroma keeps the files near the heavy end of what COCO-sized photos can weigh.
-        image.save(path, "JPEG", quality=JPEG_QUALITY, subsampling=0)
-        sizes.append(path.stat().st_size)
+    jobs = [
+        (image_dir / image_file_name(q.image_id), seed, index, q.size, scale)
+        for index, q in enumerate(first_of_image.values())
+    ]
+    # Each image is a function of (seed, index) alone: the same bytes with any number of workers.
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        written = pool.map(_write_image, jobs, chunksize=16)
+        sizes = list(tqdm(written, "images", total=len(jobs), disable=not progress))
     questions_json, annotations_json = _official_files(questions)
     (out / QUESTIONS_FILE).write_text(json.dumps(questions_json))
     (out / ANNOTATIONS_FILE).write_text(json.dumps(annotations_json))
@@ -282,10 +297,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--scale", type=float, default=1.0, help="image size factor (default 1: COCO sizes)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes rendering images (default: one per CPU; the output does not depend on it)",
+    )
     args = parser.parse_args(argv)
-    if args.n < 1 or args.scale <= 0:
-        parser.error("--n must be >= 1 and --scale > 0")
-    summary = generate(args.out, args.n, args.seed, args.scale)
+    if args.n < 1 or args.scale <= 0 or args.workers < 1:
+        parser.error("--n and --workers must be >= 1 and --scale > 0")
+    summary = generate(args.out, args.n, args.seed, args.scale, workers=args.workers)
     print(summary.describe())
     print(
         f"use: python -m sweeper dataset=okvqa dataset.questions_file={args.out / QUESTIONS_FILE} "

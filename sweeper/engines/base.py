@@ -26,6 +26,7 @@ class DecodingParams:
     top_p: float
     num_samples: int
     seed: int
+    ignore_eos: bool = False
     system_prompt: str | None = None
     # Serving flags an engine may apply per call (engine=hf does; others fix theirs at load).
     kv_cache: str = "dynamic"
@@ -42,6 +43,7 @@ class DecodingParams:
             top_p=trial.top_p,
             num_samples=trial.num_samples,
             seed=trial.seed,
+            ignore_eos=trial.ignore_eos,
             system_prompt=trial.system_prompt,
             kv_cache=trial.kv_cache,
             prefix_caching=trial.prefix_caching,

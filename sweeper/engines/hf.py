@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     Cache,
@@ -58,6 +59,7 @@ from sweeper.engines.hf_prefix import (
     shared_prefix,
 )
 from sweeper.metrics.performance import RequestTiming, tpot
+from sweeper.models import has_weights
 from sweeper.workloads import has_image, request_messages
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -205,9 +207,19 @@ class HFEngine(Engine):
         dtype = resolve_dtype(engine_cfg.dtype, self.device)
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.processor.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            model_path, dtype=dtype, attn_implementation=engine_cfg.attn_implementation
-        ).to(self.device)
+        attention = engine_cfg.attn_implementation
+        if has_weights(model_path):
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model_path, dtype=dtype, attn_implementation=attention
+            ).to(self.device)
+        else:  # an architecture-only folder: random weights, initialised on the device itself
+            config = AutoConfig.from_pretrained(model_path)
+            with torch.device(self.device):
+                self.model = AutoModelForImageTextToText.from_config(
+                    config, dtype=dtype, attn_implementation=attention
+                )
+            # from_config derives one from the model config; the folder's own (EOS list) wins.
+            self.model.generation_config = GenerationConfig.from_pretrained(model_path)
         self.model.eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -236,9 +248,12 @@ class HFEngine(Engine):
         self.prefix_store.clear()
         self._stop_continuous()  # its shared pages are a prefix cache too
 
-    def _cache_kwargs(self, kv_cache: str, own_cache: bool = False) -> dict[str, Any]:
+    def _cache_kwargs(
+        self, kv_cache: str, own_cache: bool = False, length: int | None = None
+    ) -> dict[str, Any]:
         """`generate` arguments for the cache mode; `own_cache`: the caller passes the cache
-        (prefix caching), so only how to run it is said, not which to make."""
+        (prefix caching), so only how to run it is said, not which to make; `length`: the
+        tokens the cache must hold (prompt + new tokens)."""
         if kv_cache == "off":
             return {"use_cache": False}
         kwargs: dict[str, Any] = {}
@@ -251,6 +266,10 @@ class HFEngine(Engine):
             )
         if kv_cache != "dynamic" and not own_cache:
             kwargs["cache_implementation"] = kv_cache
+        if kv_cache == "static" and not own_cache and length is not None:
+            # Sized to a power of two: prompts of varying length then share one cache shape,
+            # and the compiled decoding step is not recompiled for every new length.
+            kwargs["max_cache_len"] = 1 << (length - 1).bit_length()
         if kv_cache == "quantized" and not own_cache:
             kwargs["cache_config"] = {"backend": "quanto", "nbits": 4}
         return kwargs
@@ -263,6 +282,8 @@ class HFEngine(Engine):
             "do_sample": not decoding.greedy,
             "pad_token_id": self.pad_id,
         }
+        if decoding.ignore_eos:  # EOS is masked until max_new_tokens: a fixed output length
+            kwargs["min_new_tokens"] = decoding.max_new_tokens
         if decoding.greedy:
             # Unset the sampling knobs a checkpoint's generation_config may carry.
             kwargs.update(temperature=None, top_k=None, top_p=None)
@@ -331,7 +352,10 @@ class HFEngine(Engine):
             output = self.model.generate(
                 **inputs,
                 **self._generate_kwargs(decoding),
-                **self._cache_kwargs(decoding.kv_cache),
+                **self._cache_kwargs(
+                    decoding.kv_cache,
+                    length=inputs["input_ids"].shape[1] + decoding.max_new_tokens,
+                ),
                 **clocks,
             )
             prompt_len, cached = inputs["input_ids"].shape[1], [0] * len(batch)

@@ -94,6 +94,7 @@ from sweeper.data.base import LoadedSample
 from sweeper.engines.base import Completion, DecodingParams, Engine
 from sweeper.engines.hf import resolve_dtype
 from sweeper.metrics.performance import RequestTiming, tpot
+from sweeper.models import has_weights
 from sweeper.workloads import has_image, request_messages
 
 if TYPE_CHECKING:
@@ -258,6 +259,10 @@ class VLLMEngine(Engine):
                 "(weights, activations, KV cache)"
             )
 
+        # An architecture-only folder has no weights to read: vLLM initialises them at random.
+        self.load_format = engine_cfg.load_format
+        if self.load_format == "auto" and not has_weights(model_path):
+            self.load_format = "dummy"
         # The processor gives the chat template engine=hf uses, so both send the same tokens.
         self.processor = AutoProcessor.from_pretrained(model_path)
         started_before = {process.pid for process in _children()}
@@ -270,7 +275,7 @@ class VLLMEngine(Engine):
             max_model_len=engine_cfg.max_model_len,
             enforce_eager=engine_cfg.enforce_eager,
             tensor_parallel_size=engine_cfg.tensor_parallel_size,
-            load_format=engine_cfg.load_format,
+            load_format=self.load_format,
             max_num_batched_tokens=engine_cfg.max_num_batched_tokens,
             max_num_seqs=max_num_seqs,
             enable_prefix_caching=prefix_caching,
@@ -298,6 +303,7 @@ class VLLMEngine(Engine):
         cache = self.llm.llm_engine.vllm_config.cache_config
         return {
             "vllm_version": vllm.__version__,
+            "vllm_load_format": self.load_format,
             "vllm_memory": self.memory_note,
             "vllm_kv_cache_tokens": str((cache.num_gpu_blocks or 0) * cache.block_size),
         }
@@ -336,6 +342,7 @@ class VLLMEngine(Engine):
             top_k=decoding.top_k,
             top_p=decoding.top_p,
             seed=decoding.seed,
+            ignore_eos=decoding.ignore_eos,
         )
 
     def count_tokens(self, text: str) -> int:

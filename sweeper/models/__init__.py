@@ -1,8 +1,11 @@
-"""Where a trial's model comes from: a local folder, a hub id, or a tiny model built offline."""
+"""Where a trial's model comes from: a local folder, a hub id, or a model built offline."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
 def resolve_model_path(cfg: Any) -> str:
@@ -11,4 +14,17 @@ def resolve_model_path(cfg: Any) -> str:
         from sweeper.models.tiny import cached_tiny_vlm
 
         return str(cached_tiny_vlm(cfg.cache_dir))
+    if cfg.builder == "qwen2_5_vl_7b_arch":
+        from sweeper.models.qwen_arch import cached_qwen2_5_vl_7b_arch
+
+        return str(cached_qwen2_5_vl_7b_arch(cfg.cache_dir))
     return cfg.path
+
+
+def has_weights(path: str) -> bool:
+    """False only for a local folder without weight files (an architecture-only folder, whose
+    weights the engines initialise at random); a hub id is assumed to hold weights."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return True
+    return any(next(folder.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS)

@@ -109,14 +109,15 @@ def latest_parent(client: Any, experiment_id: str) -> str:
 
 
 def load_points(
-    client: Any, experiment_id: str, parent_id: str, objectives: Sequence[Objective]
+    client: Any, experiment_id: str, parent_id: str | None, objectives: Sequence[Objective]
 ) -> tuple[list[TrialPoint], int]:
-    """The finished trials with every objective logged, and how many finished ones lacked one."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
-        max_results=50_000,
-    )
+    """The finished trials with every objective logged, and how many finished ones lacked one.
+    `parent_id` None: every finished trial of the experiment, of every sweep and single run."""
+    finished = "attributes.status = 'FINISHED'"
+    where = f"tags.mlflow.parentRunId = '{parent_id}' and {finished}" if parent_id else finished
+    runs = client.search_runs([experiment_id], filter_string=where, max_results=50_000)
+    if parent_id is None:  # a sweep's parent run is no trial: trials are tagged with the engine
+        runs = [run for run in runs if "engine" in run.data.tags]
     points, incomplete = [], 0
     for run in runs:
         values = [run.data.metrics.get(o.metric) for o in objectives]
@@ -126,7 +127,9 @@ def load_points(
         tags = run.data.tags
         points.append(
             TrialPoint(
-                trial=tags.get("optuna_trial_number", tags.get("hydra_job_num", "")),
+                trial=tags.get("optuna_trial_number", tags.get("hydra_job_num", ""))
+                if parent_id
+                else run.info.run_name,
                 run_id=run.info.run_id,
                 values=[float(v) for v in values],
                 overrides=tags.get("hydra_overrides", ""),
