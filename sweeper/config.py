@@ -100,9 +100,28 @@ class VLLMEngineConfig(EngineConfig):
     max_num_seqs: int = 256  # running sequences at most with continuous_batching=false
     kv_cache_space_gb: float | None = None  # null: from gpu_memory_utilization (GPU), 1 (CPU)
     seed: int = 0  # vLLM's own RNG (dummy weights); sampling uses the trial's `seed`
+    # The frontend's multimodal path (null: vLLM's default). The offline LLM processes every
+    # image serially in this process, so these can bound an image workload's throughput.
+    mm_processor_cache_gb: float | None = None
+    mm_processor_cache_type: str | None = None  # lru | shm
+    mm_tensor_ipc: str | None = None  # direct_rpc | torch_shm: how pixel tensors reach the core
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mm_processor_cache_gb is not None:
+            _check(
+                self.mm_processor_cache_gb >= 0,
+                "engine.mm_processor_cache_gb",
+                self.mm_processor_cache_gb,
+                "null or a number of GiB >= 0 (0 turns the cache off)",
+            )
+        if self.mm_processor_cache_type is not None:
+            _check_choice(
+                "engine.mm_processor_cache_type", self.mm_processor_cache_type, ("lru", "shm")
+            )
+        if self.mm_tensor_ipc is not None:
+            _check_choice("engine.mm_tensor_ipc", self.mm_tensor_ipc, ("direct_rpc", "torch_shm"))
         _check(
             0 < self.gpu_memory_utilization <= 1,
             "engine.gpu_memory_utilization",

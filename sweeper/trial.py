@@ -99,7 +99,7 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
             calibration = list(prefetch(samples[: trial.calibration_samples], depth, data_report))
             batched = _requests_per_s(workload, engine, calibration, decoding, trial.batch_size)
             single = _requests_per_s(workload, engine, calibration, decoding, 1)
-            efficiency = batch_efficiency(batched, single, trial.batch_size)
+            efficiency = batch_efficiency(batched, single, min(trial.batch_size, len(calibration)))
 
         torch.manual_seed(trial.seed)
         done = 0

@@ -94,8 +94,9 @@ def test_static_cache_is_sized_to_a_power_of_two() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_vllm_loads_dummy_weights_and_generates_exactly_max_new_tokens(arch_folder) -> None:
-    result = run_trial(
-        _trial(arch_folder, "engine=vllm", "engine.enforce_eager=true", "engine.max_model_len=2048")
-    )
+    # With the frontend's image path changed too: no processed-image cache, shared-memory IPC.
+    frontend = ("engine.mm_processor_cache_gb=0", "engine.mm_tensor_ipc=torch_shm")
+    engine = ("engine=vllm", "engine.enforce_eager=true", "engine.max_model_len=2048")
+    result = run_trial(_trial(arch_folder, *engine, *frontend))
     _check_fixed_length(result)
     assert result.tags["vllm_load_format"] == "dummy"

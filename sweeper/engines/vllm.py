@@ -113,6 +113,20 @@ _CACHE_QUERIES = "vllm:prefix_cache_queries"
 _CACHE_HITS = "vllm:prefix_cache_hits"
 
 
+# Engine keys passed to LLM(...) only when set, so that vLLM's own defaults (which vary by
+# release) apply otherwise.
+FRONTEND_KEYS = (
+    "mm_processor_cache_gb",
+    "mm_processor_cache_type",
+    "mm_tensor_ipc",
+    "async_scheduling",
+)
+
+
+def _set_only(engine_cfg: Any, keys: Iterable[str]) -> dict[str, Any]:
+    return {key: getattr(engine_cfg, key) for key in keys if getattr(engine_cfg, key) is not None}
+
+
 def _width(trial: Any) -> int:
     """Sequences the scheduler runs per request: the samples, or the live beams."""
     return max(trial.num_samples, trial.beam_num)
@@ -263,6 +277,8 @@ class VLLMEngine(Engine):
         self.load_format = engine_cfg.load_format
         if self.load_format == "auto" and not has_weights(model_path):
             self.load_format = "dummy"
+        if engine_cfg.mm_tensor_ipc == "torch_shm":  # vLLM refuses it with forked workers
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
         # The processor gives the chat template engine=hf uses, so both send the same tokens.
         self.processor = AutoProcessor.from_pretrained(model_path)
         started_before = {process.pid for process in _children()}
@@ -281,6 +297,7 @@ class VLLMEngine(Engine):
             enable_prefix_caching=prefix_caching,
             limit_mm_per_prompt={"image": 1, "video": 0},
             disable_log_stats=False,  # per-request RequestStateStats and get_metrics() need it
+            **_set_only(engine_cfg, FRONTEND_KEYS),
         )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         # The engine core and its workers: they hold the model, and close waits for them.

@@ -24,8 +24,10 @@ Per trial:
   preprocessing included, warm-up and calibration excluded).
 - means and p50/p90/p99 of `ttft_s`; means of the rest.
 - `prefix_cache_hit_rate` = cached prompt tokens / prompt tokens, over all requests.
-- `batch_efficiency` = requests/s at batch_size / (batch_size x requests/s one at a time), both
-  on the same calibration slice; `batch_speedup` is the ratio without dividing by batch_size.
+- `batch_efficiency` = requests/s at batch_size / (batch x requests/s one at a time), both on
+  the same calibration slice, where batch = min(batch_size, requests in the slice): the batch
+  the slice can form (a slice of 4 cannot run 1024 at once); `batch_speedup` is the ratio
+  without dividing by the batch.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def summarize(timings: list[RequestTiming], generation_wall_s: float) -> dict[st
 
 
 def batch_efficiency(
-    batched_requests_per_s: float, single_requests_per_s: float, batch_size: int
+    batched_requests_per_s: float, single_requests_per_s: float, batch: int
 ) -> dict[str, float]:
+    """`batch`: the batch the calibration slice formed, min(batch_size, its requests)."""
     speedup = batched_requests_per_s / single_requests_per_s
-    return {"batch_efficiency": speedup / batch_size, "batch_speedup": speedup}
+    return {"batch_efficiency": speedup / batch, "batch_speedup": speedup}

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The GPU study of README.md: Qwen2.5-VL-7B's architecture (random weights) on the 5,046-question
+# OK-VQA replica, HF transformers vs vLLM, bare anchors beside sweeper trials.
+#
+#   bash experiments/okvqa_replica/gpu_study.sh PHASE [PHASE ...]
+#
+# Runs from the repo root on a GPU host with torch 2.11 + vllm 0.26.0 and sweeper installed
+# (`pip install --no-deps -e .`; README.md says how on a host without a package index). State lives in
+# $STUDY_DIR (default ~/okvqa_study): the replica, the MLflow store (mlflow.db), the Optuna
+# storage, one log and one JSON per phase. With $OUT set (the device tool's output folder),
+# everything but the replica and the model is copied there at the end.
+# Phases, in the order they were run (README.md has the numbers):
+#   setup        replica (5,046 questions) + the model folder (config, tokenizer, processor)
+#   hf-bare      bare `generate` loop, batch 1: dynamic vs static cache (transformers' own compile)
+#   hf           sweeper engine=hf: batch 1 dynamic / static / static+compile, batched
+#   vllm-bare    bare LLM.generate, vLLM defaults, all 5,046 questions
+#   vllm-default sweeper engine=vllm with vLLM's default settings, all 5,046 questions
+#   vllm-default-no-pc  the same with prefix caching off
+#   vllm-flags   continuous vs static batches of 256, $SUBSET questions
+#   vllm-optuna  Optuna study (TPE) over vLLM's serving settings, $SUBSET questions
+#   vllm-best    the study's best settings on all 5,046 questions
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+study=${STUDY_DIR:-$HOME/okvqa_study}
+replica=$study/replica
+subset=${SUBSET:-1000}
+replica_n=${REPLICA_N:-5046}
+hf_n=${HF_N:-16}
+mkdir -p "$study/logs" "$study/results"
+
+# MODEL_ARGS / MODEL_DIR: another model (the CPU smoke test uses a shrunk architecture).
+read -r -a model <<<"${MODEL_ARGS:-model=qwen2_5_vl_7b_arch model.cache_dir=$study/models}"
+model_dir() { echo "${MODEL_DIR:-$(ls -d "$study"/models/qwen2_5_vl_7b_arch-*)}"; }
+common=(
+    "${model[@]}"
+    dataset=okvqa "dataset.questions_file=$replica/OpenEnded_mscoco_val2014_questions.json"
+    "dataset.annotations_file=$replica/mscoco_val2014_annotations.json"
+    "dataset.image_dir=$replica/val2014"
+    max_new_tokens=100 ignore_eos=true temperature=0
+    experiment_name=okvqa_replica "tracking.uri=sqlite:///$study/mlflow.db"
+    "tracking.artifact_location=$study/artifacts"
+)
+# vLLM's offline defaults on an H100 (vllm/engine/arg_utils.py): max_num_seqs 1024, prefix
+# caching on; under continuous batching sweeper's max_num_seqs is batch_size.
+vllm_default=(engine=vllm continuous_batching=true prefix_caching=true batch_size=1024)
+# The one-at-a-time half of batch_efficiency costs ~1 s per sample at batch 1: keep it short.
+calibration=(calibration_samples=4)
+
+sweep() {  # sweep NAME ARGS...: one sweeper command (a multirun with -m), its log kept
+    local name=$1
+    shift
+    echo "== $name: python -m sweeper $*"
+    python3 -m sweeper "$@" "${common[@]}" "hydra.run.dir=$study/hydra/$name" \
+        "hydra.sweep.dir=$study/hydra/$name" >"$study/logs/$name.log" 2>&1 \
+        || echo "!! $name: exit $? (see logs/$name.log)"
+    grep -E '│ (tps|ttft_s|context_load_s|peak_mem_gb|batch_efficiency|accuracy) |trials|best' \
+        "$study/logs/$name.log" | tail -40
+}
+
+phase() {
+    case $1 in
+    setup)
+        [[ -f $replica/SWEEPER_REPLICA.json && -f $replica/mscoco_val2014_annotations.json ]] \
+            || python3 -m sweeper.data.replica --n "$replica_n" --out "$replica" 2>&1 | grep -v '^images'
+        # The MLflow store of an earlier machine, carried in (.carry/study), goes on growing: one
+        # store holds the whole study.
+        [[ -f .carry/study/mlflow.db && ! -f $study/mlflow.db ]] && cp .carry/study/mlflow.db "$study/"
+        # A folder built here and carried in (.carry/models) is used as is: the host may lack
+        # the builder's tokenizer packages.
+        [[ -d .carry/models ]] && mkdir -p "$study/models" && cp -rn .carry/models/. "$study/models/"
+        python3 -c "from sweeper.models.qwen_arch import cached_qwen2_5_vl_7b_arch as b; print(b('$study/models'))"
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+        ;;
+    hf-bare)
+        python3 "$here/bare_hf.py" --model "$(model_dir)" \
+            --replica "$replica" --n "$hf_n" --device "${BARE_DEVICE:-cuda}" \
+            --out "$study/results/hf_bare.json" \
+            2>&1 | tee "$study/logs/hf-bare.log" | grep -v Warning
+        ;;
+    hf)
+        sweep hf-b1 -m engine=hf batch_size=1 kv_cache=dynamic,static "dataset.limit=$hf_n"
+        sweep hf-b1-compile engine=hf engine.compile=true kv_cache=static batch_size=1 \
+            warmup_batches=3 "dataset.limit=$hf_n"
+        sweep hf-batched -m engine=hf batch_size=16 kv_cache=dynamic "dataset.limit=${HF_BATCHED_N:-128}" \
+            "${calibration[@]}"
+        ;;
+    vllm-bare)
+        python3 "$here/bare_vllm.py" --model "$(model_dir)" \
+            --replica "$replica" --out "$study/results/vllm_bare.json" ${BARE_VLLM_ARGS:-} \
+            >"$study/logs/vllm-bare.log" 2>&1 || echo "!! vllm-bare failed"
+        tail -20 "$study/logs/vllm-bare.log"
+        ;;
+    vllm-default)
+        sweep vllm-default "${vllm_default[@]}" "${calibration[@]}"
+        ;;
+    vllm-default-no-pc)
+        sweep vllm-default-no-pc "${vllm_default[@]}" prefix_caching=false "${calibration[@]}"
+        ;;
+    vllm-flags)
+        sweep vllm-flags -m engine=vllm prefix_caching=true continuous_batching=true,false \
+            batch_size=256 engine.max_num_seqs=256 "dataset.limit=$subset" "${calibration[@]}"
+        ;;
+    vllm-optuna)
+        sweep vllm-optuna -m engine=vllm continuous_batching=true hydra/sweeper=vllm_throughput \
+            "hydra.sweeper.n_trials=${N_TRIALS:-8}" "hydra.sweeper.storage=sqlite:///$study/optuna.db" \
+            "dataset.limit=$subset" "${calibration[@]}"
+        ;;
+    vllm-best)
+        # BEST: the study's best parameters as overrides, e.g. "batch_size=512 ..." (README).
+        read -r -a best <<<"${BEST:?set BEST to the overrides of the best trial}"
+        sweep vllm-best engine=vllm continuous_batching=true "${best[@]}" "${calibration[@]}"
+        ;;
+    *) echo "unknown phase $1" && return 1 ;;
+    esac
+}
+
+for name in "$@"; do
+    start=$(date +%s)
+    phase "$name"
+    echo "-- $name took $(($(date +%s) - start)) s"
+done
+if [[ -n ${OUT:-} ]]; then
+    rsync -a --exclude replica --exclude models --exclude artifacts "$study/" "$OUT/study/" 2>/dev/null \
+        || (cd "$study" && tar --exclude=./replica --exclude=./models --exclude=./artifacts -cf - . | tar -xf - -C "$OUT")
+fi
