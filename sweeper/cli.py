@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from typing import Any
 
@@ -215,6 +216,10 @@ def _hydra_entry(cfg: DictConfig) -> dict[str, float] | None:
     return execute(cfg)
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     args = sys.argv[1:]
     if not any(a in _INFO_FLAGS or a.startswith("--cfg") for a in args):
@@ -225,6 +230,9 @@ def main() -> None:
             sys.exit(2)
     from sweeper.tracking import callback
 
+    # SIGTERM (`timeout`, Slurm preemption, `kill`) takes Ctrl-C's path: the open runs end
+    # KILLED and the Optuna trial is handed back, instead of staying RUNNING for ever.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         _hydra_entry()
     except KeyboardInterrupt:

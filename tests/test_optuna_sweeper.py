@@ -356,6 +356,29 @@ def test_resume_after_ctrl_c_and_after_a_crash(tmp_path: Path, store: dict) -> N
 
 
 @pytest.mark.slow
+def test_sigterm_ends_the_running_trial_as_ctrl_c_does(tmp_path: Path, store: dict) -> None:
+    """`timeout`, Slurm preemption and `kill` send SIGTERM: nothing may stay RUNNING."""
+    args = [
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.objectives=[tps:max]",
+        "batch_size=1,2",
+        *FAST,
+        *store["args"],
+    ]
+    db = tmp_path / "sweep" / "optuna.db"
+    log = tmp_path / "study.log"
+    proc = start_cli(args, tmp_path, log)
+    _interrupt_when_running(proc, db, 0, signal.SIGTERM, log)
+    assert proc.returncode == 130, log.read_text()[-3000:]
+    assert _poll_trials(db)[0] == "FAIL"
+    parents, children = _runs(store["uri"])
+    assert len(parents) == 1  # its trial's run, if it had started one, ends KILLED too
+    assert {run.info.status for run in parents + children} == {"KILLED"}
+
+
+@pytest.mark.slow
 def test_failing_trial_is_fail_and_the_study_goes_on(tmp_path: Path, store: dict) -> None:
     result = run_cli(
         [
