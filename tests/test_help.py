@@ -10,7 +10,7 @@ def test_help_lists_groups_and_keys(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "engine: hf, vllm" in text
-    assert "model: custom, tiny_random, tiny_vlm" in text
+    assert "model: custom, qwen2_5_vl_7b_arch, tiny_random, tiny_vlm" in text
     assert "dataset: easy_vqa, okvqa, okvqa_hf" in text
     assert "schema" not in text  # the structured-config schemas are not options
     for key in (
@@ -20,6 +20,7 @@ def test_help_lists_groups_and_keys(tmp_path) -> None:
         "top_k:",
         "top_p:",
         "num_samples:",
+        "ignore_eos:",
         "batch_size:",
         "prefix_caching:",
         "continuous_batching:",

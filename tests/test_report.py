@@ -145,3 +145,29 @@ def test_bad_report_input_is_one_line_with_status_2(tmp_path: Path) -> None:
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "invalid objective 'tps'" in bad.stderr
     assert "--objectives" in _report(["--help"], tmp_path).stdout
+
+
+@pytest.mark.slow
+def test_all_runs_takes_every_trial_of_every_sweep_and_single_run(sweep: dict) -> None:
+    root, uri = sweep["root"], sweep["uri"]
+    single = run_cli(
+        ["dataset.limit=4", "batch_size=2", "tracking.log_predictions=false"]
+        + [f"tracking.uri={uri}", f"tracking.artifact_location={root / 'art'}"],
+        cwd=root,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    out = root / "all"
+    report = _report(
+        ["--experiment", "sweeper", "--tracking-uri", uri, "--all-runs"]
+        + ["--objectives", "tps:max,peak_mem_gb:min", "--out", str(out)],
+        root,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = pd.read_csv(out / "pareto.csv")
+    # The grid's trials and the single run, numbered in start order; the grid's parent is no trial.
+    assert sorted(table["trial"]) == list(range(TRIALS + 1))
+    assert table["overrides"].str.contains("batch_size=2").sum() == 1
+    both = _report(
+        ["--experiment", "sweeper", "--tracking-uri", uri, "--all-runs"] + ["--parent", "x"], root
+    )
+    assert both.returncode == 2 and "exclude each other" in both.stderr

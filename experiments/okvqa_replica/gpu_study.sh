@@ -8,7 +8,7 @@
 # (`pip install --no-deps -e .`; README.md says how on a host without a package index). State lives in
 # $STUDY_DIR (default ~/okvqa_study): the replica, the MLflow store (mlflow.db), the Optuna
 # storage, one log and one JSON per phase. With $OUT set (the device tool's output folder),
-# everything but the replica and the model is copied there at the end.
+# everything but the replica and the model is archived there at the end (study.tgz).
 # Phases, in the order they were run (README.md has the numbers):
 #   setup        replica (5,046 questions) + the model folder (config, tokenizer, processor)
 #   hf-bare      bare `generate` loop, batch 1: dynamic vs static cache (transformers' own compile)
@@ -119,7 +119,6 @@ for name in "$@"; do
     phase "$name"
     echo "-- $name took $(($(date +%s) - start)) s"
 done
-if [[ -n ${OUT:-} ]]; then
-    rsync -a --exclude replica --exclude models --exclude artifacts "$study/" "$OUT/study/" 2>/dev/null \
-        || (cd "$study" && tar --exclude=./replica --exclude=./models --exclude=./artifacts -cf - . | tar -xf - -C "$OUT")
+if [[ -n ${OUT:-} ]]; then  # one archive: the device tool brings back a limited number of files
+    tar -C "$study" --exclude=./replica --exclude=./models -czf "$OUT/study.tgz" .
 fi

@@ -48,11 +48,18 @@ class TrialPoint:
     label: str = ""  # the overrides that differ between the trials: what the sweep varied
 
 
+def _normal(override: str) -> str:
+    """One spelling per value: a grid's job overrides escape ':' and write True for true."""
+    key, _, value = override.replace("\\", "").partition("=")
+    return f"{key}={value.lower() if value in ('True', 'False') else value}"
+
+
 def label_varying(points: Sequence[TrialPoint]) -> None:
     """Label each point with the overrides whose values differ across the points (the fixed
     ones, such as tracking.uri, would drown what was swept)."""
     parsed = [
-        dict(item.split("=", 1) for item in p.overrides.split() if "=" in item) for p in points
+        dict(_normal(item).split("=", 1) for item in p.overrides.split() if "=" in item)
+        for p in points
     ]
     keys = {key for one in parsed for key in one}
     varying = {key for key in keys if len({one.get(key) for one in parsed}) > 1}
@@ -129,7 +136,7 @@ def load_points(
             TrialPoint(
                 trial=tags.get("optuna_trial_number", tags.get("hydra_job_num", ""))
                 if parent_id
-                else run.info.run_name,
+                else str(run.info.start_time),  # numbered in start order below
                 run_id=run.info.run_id,
                 values=[float(v) for v in values],
                 overrides=tags.get("hydra_overrides", ""),
@@ -137,6 +144,9 @@ def load_points(
             )
         )
     points.sort(key=lambda p: int(p.trial) if p.trial.isdigit() else -1)
+    if parent_id is None:
+        for number, point in enumerate(points):
+            point.trial = str(number)
     label_varying(points)
     return points, incomplete
 
