@@ -10,6 +10,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# A Qwen2.5-VL-7B-architecture folder shrunk to CPU size (sweeper.models.qwen_arch overrides):
+# head size 32, the smallest vLLM's CPU attention has a kernel for.
+SMALL_QWEN_TEXT = {
+    "num_hidden_layers": 2,
+    "max_window_layers": 2,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+SMALL_QWEN_VISION = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 128,
+    "fullatt_block_indexes": [1],
+}
 
 
 def cli_env() -> dict[str, str]:

@@ -304,18 +304,23 @@ def _interrupt_when_running(
     proc.wait(timeout=120)
 
 
-@pytest.mark.slow
-def test_resume_after_ctrl_c_and_after_a_crash(tmp_path: Path, store: dict) -> None:
-    args = [
+def _tps_study(n_trials: int, batch_sizes: str, store: dict) -> list[str]:
+    """A seeded study maximising tps over batch_size, on the test's MLflow store."""
+    return [
         "-m",
         "hydra/sweeper=optuna",
-        "hydra.sweeper.n_trials=4",
+        f"hydra.sweeper.n_trials={n_trials}",
         "hydra.sweeper.seed=0",
         "hydra.sweeper.objectives=[tps:max]",
-        "batch_size=1,2,4",
+        f"batch_size={batch_sizes}",
         *FAST,
         *store["args"],
     ]
+
+
+@pytest.mark.slow
+def test_resume_after_ctrl_c_and_after_a_crash(tmp_path: Path, store: dict) -> None:
+    args = _tps_study(4, "1,2,4", store)
     db = tmp_path / "sweep" / "optuna.db"
     log = tmp_path / "study.log"
 
@@ -358,24 +363,17 @@ def test_resume_after_ctrl_c_and_after_a_crash(tmp_path: Path, store: dict) -> N
 @pytest.mark.slow
 def test_sigterm_ends_the_running_trial_as_ctrl_c_does(tmp_path: Path, store: dict) -> None:
     """`timeout`, Slurm preemption and `kill` send SIGTERM: nothing may stay RUNNING."""
-    args = [
-        "-m",
-        "hydra/sweeper=optuna",
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.objectives=[tps:max]",
-        "batch_size=1,2",
-        *FAST,
-        *store["args"],
-    ]
+    args = _tps_study(2, "1,2", store)
     db = tmp_path / "sweep" / "optuna.db"
     log = tmp_path / "study.log"
     proc = start_cli(args, tmp_path, log)
-    _interrupt_when_running(proc, db, 0, signal.SIGTERM, log)
+    # While trial 1 runs: by then the study's parent run exists (trial 0 logged under it).
+    _interrupt_when_running(proc, db, 1, signal.SIGTERM, log)
     assert proc.returncode == 130, log.read_text()[-3000:]
-    assert _poll_trials(db)[0] == "FAIL"
+    assert _poll_trials(db)[1] == "FAIL"
     parents, children = _runs(store["uri"])
-    assert len(parents) == 1  # its trial's run, if it had started one, ends KILLED too
-    assert {run.info.status for run in parents + children} == {"KILLED"}
+    assert [run.info.status for run in parents] == ["KILLED"]
+    assert "RUNNING" not in {run.info.status for run in children}
 
 
 @pytest.mark.slow

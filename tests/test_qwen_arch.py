@@ -16,6 +16,7 @@ from PIL import Image
 from sweeper.models import has_weights, qwen_arch
 from sweeper.models.tiny import QWEN2_5_VL_SPECIAL_TOKENS
 from sweeper.prompt import vqa_messages
+from tests.conftest import SMALL_QWEN_TEXT, SMALL_QWEN_VISION
 
 # The official rendering of vqa_messages("What is the shape?") by Qwen2.5-VL-7B-Instruct's template.
 OFFICIAL_PROMPT = (
@@ -24,22 +25,6 @@ OFFICIAL_PROMPT = (
     "Answer the question using a single word or phrase.<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
-SHRUNK_TEXT = {
-    "num_hidden_layers": 2,
-    "max_window_layers": 2,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
-SHRUNK_VISION = {
-    "depth": 2,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_heads": 4,
-    "out_hidden_size": 64,
-    "fullatt_block_indexes": [1],
-}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +125,7 @@ def test_shrunk_folder_generates(tmp_path):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     folder = qwen_arch.build_qwen2_5_vl_arch(
-        tmp_path / "shrunk", text_overrides=SHRUNK_TEXT, vision_overrides=SHRUNK_VISION
+        tmp_path / "shrunk", text_overrides=SMALL_QWEN_TEXT, vision_overrides=SMALL_QWEN_VISION
     )
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder)).eval()

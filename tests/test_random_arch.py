@@ -16,31 +16,17 @@ from sweeper.engines.hf import HFEngine
 from sweeper.models import has_weights
 from sweeper.models.qwen_arch import build_qwen2_5_vl_arch
 from sweeper.trial import run_trial
+from tests.conftest import SMALL_QWEN_TEXT, SMALL_QWEN_VISION
 
 NEW_TOKENS = 12
-SMALL_TEXT = {
-    "num_hidden_layers": 2,
-    "hidden_size": 128,  # head size 32: vLLM's CPU attention has no kernel for 16
-    "intermediate_size": 256,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
-SMALL_VISION = {
-    "depth": 2,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_heads": 2,
-    "out_hidden_size": 128,
-    "fullatt_block_indexes": [1],
-}
 
 
 @pytest.fixture(scope="module")
 def arch_folder(tmp_path_factory) -> Path:
     folder = build_qwen2_5_vl_arch(
         tmp_path_factory.mktemp("arch") / "small",
-        text_overrides=SMALL_TEXT,
-        vision_overrides=SMALL_VISION,
+        text_overrides=SMALL_QWEN_TEXT,
+        vision_overrides=SMALL_QWEN_VISION,
     )
     yield folder
     ENGINE_CACHE.clear()
