@@ -177,6 +177,17 @@ class ModelConfig:
             _check_choice("model.builder", self.builder, MODEL_BUILDERS)
         if self.path is not None and looks_like_local_path(self.path):
             check_existing_path("model.path", self.path, "an existing model folder or a hub id")
+            from sweeper.models import has_weights
+
+            # A folder without weights gets random ones: only when asked, so that its runs are
+            # tagged and nobody reads its accuracy as the model's.
+            _check(
+                self.random_weights or has_weights(self.path),
+                "model.path",
+                self.path,
+                "a folder with weight files (*.safetensors, *.bin), or model.random_weights=true "
+                "for an architecture-only folder",
+            )
 
 
 @dataclass

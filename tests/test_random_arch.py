@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sweeper.config import TrialConfig, register_configs
+from sweeper.config import ConfigError, TrialConfig, register_configs
 from sweeper.engines import ENGINE_CACHE
 from sweeper.engines.hf import HFEngine
 from sweeper.models import has_weights
@@ -59,6 +59,11 @@ def _check_fixed_length(result) -> None:
 def test_folder_has_no_weights_and_hub_ids_are_assumed_to(arch_folder: Path) -> None:
     assert not has_weights(str(arch_folder))
     assert has_weights("Qwen/Qwen2.5-VL-7B-Instruct")
+
+
+def test_a_weightless_folder_needs_random_weights_said(arch_folder: Path) -> None:
+    with pytest.raises(ConfigError, match="model.random_weights=true"):
+        _trial(arch_folder, "model.random_weights=false")
 
 
 def test_hf_initialises_random_weights_and_generates_exactly_max_new_tokens(arch_folder) -> None:
