@@ -318,16 +318,24 @@ def _tps_study(n_trials: int, batch_sizes: str, store: dict) -> list[str]:
     ]
 
 
+def _interrupt_study(args: list[str], tmp_path: Path, number: int, sig: int) -> Path:
+    """Start the study, send `sig` while trial `number` runs; the CLI must exit as after Ctrl-C.
+    Returns the study's storage."""
+    db = tmp_path / "sweep" / "optuna.db"
+    log = tmp_path / "study.log"
+    proc = start_cli(args, tmp_path, log)
+    _interrupt_when_running(proc, db, number, sig, log)
+    assert proc.returncode == 130, log.read_text()[-3000:]
+    return db
+
+
 @pytest.mark.slow
 def test_resume_after_ctrl_c_and_after_a_crash(tmp_path: Path, store: dict) -> None:
     args = _tps_study(4, "1,2,4", store)
-    db = tmp_path / "sweep" / "optuna.db"
     log = tmp_path / "study.log"
 
     # Ctrl-C while trial 1 runs: trial 0 stays COMPLETE, trial 1 is FAIL.
-    proc = start_cli(args, tmp_path, log)
-    _interrupt_when_running(proc, db, 1, signal.SIGINT, log)
-    assert proc.returncode == 130, log.read_text()[-3000:]
+    db = _interrupt_study(args, tmp_path, 1, signal.SIGINT)
     assert _poll_trials(db) == {0: "COMPLETE", 1: "FAIL", 2: "WAITING"}  # 2: trial 1 again
 
     # The same command, killed hard while trial 2 (the retry of 1) runs: it stays RUNNING.
@@ -363,13 +371,8 @@ def test_resume_after_ctrl_c_and_after_a_crash(tmp_path: Path, store: dict) -> N
 @pytest.mark.slow
 def test_sigterm_ends_the_running_trial_as_ctrl_c_does(tmp_path: Path, store: dict) -> None:
     """`timeout`, Slurm preemption and `kill` send SIGTERM: nothing may stay RUNNING."""
-    args = _tps_study(2, "1,2", store)
-    db = tmp_path / "sweep" / "optuna.db"
-    log = tmp_path / "study.log"
-    proc = start_cli(args, tmp_path, log)
     # While trial 1 runs: by then the study's parent run exists (trial 0 logged under it).
-    _interrupt_when_running(proc, db, 1, signal.SIGTERM, log)
-    assert proc.returncode == 130, log.read_text()[-3000:]
+    db = _interrupt_study(_tps_study(2, "1,2", store), tmp_path, 1, signal.SIGTERM)
     assert _poll_trials(db)[1] == "FAIL"
     parents, children = _runs(store["uri"])
     assert [run.info.status for run in parents] == ["KILLED"]

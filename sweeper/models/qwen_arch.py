@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sweeper.models.tiny import QWEN2_5_VL_SPECIAL_TOKENS
+from sweeper.models.tiny import QWEN2_5_VL_SPECIAL_TOKENS, media_token_ids
 
 if TYPE_CHECKING:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2Tokenizer
@@ -182,10 +182,7 @@ def build_config(
     config = Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **media_token_ids(ids),
         vision_token_id=ids["<|vision_pad|>"],
         tie_word_embeddings=False,
         architectures=["Qwen2_5_VLForConditionalGeneration"],

@@ -137,6 +137,17 @@ def build_processor(tokenizer, image_size: int):
     )
 
 
+def media_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The Qwen2_5_VLConfig arguments naming the image, video and vision-span tokens, from the
+    special tokens' ids in a tokenizer."""
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+
+
 def build_config(spec: TinyVLMSpec, tokenizer):
     from transformers import Qwen2_5_VLConfig
 
@@ -172,10 +183,7 @@ def build_config(spec: TinyVLMSpec, tokenizer):
     return Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **media_token_ids(ids),
         tie_word_embeddings=True,
     )
 
