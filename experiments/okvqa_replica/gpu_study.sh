@@ -12,10 +12,13 @@
 # Phases, in the order they were run (README.md has the numbers):
 #   setup        replica (5,046 questions) + the model folder (config, tokenizer, processor)
 #   hf-bare      bare `generate` loop, batch 1: dynamic vs static cache (transformers' own compile)
-#   hf           sweeper engine=hf: batch 1 dynamic / static / static+compile, batched
+#   hf           sweeper engine=hf: hf-b1 (batch 1, dynamic / static), hf-b1-compile
+#                (static + compile), hf-batched (batch 16, dynamic); hf-b1-dynamic and
+#                hf-batched-compile (batch 16, static + compile) run on their own
 #   vllm-bare    bare LLM.generate, vLLM defaults, all 5,046 questions
 #   vllm-default sweeper engine=vllm with vLLM's default settings, all 5,046 questions
 #   vllm-default-no-pc  the same with prefix caching off
+#   vllm-mnbt    vLLM defaults with max_num_batched_tokens in $MNBT, $SUBSET questions
 #   vllm-flags   continuous vs static batches of 256, $SUBSET questions
 #   vllm-optuna  Optuna study (TPE) over vLLM's serving settings, $SUBSET questions
 #   vllm-best    the study's best settings on all 5,046 questions
@@ -26,6 +29,7 @@ replica=$study/replica
 subset=${SUBSET:-1000}
 replica_n=${REPLICA_N:-5046}
 hf_n=${HF_N:-16}
+hf_batched_n=${HF_BATCHED_N:-128}
 mkdir -p "$study/logs" "$study/results"
 
 # MODEL_ARGS / MODEL_DIR: another model (the CPU smoke test uses a shrunk architecture).
@@ -77,12 +81,24 @@ phase() {
             --out "$study/results/hf_bare.json" \
             2>&1 | tee "$study/logs/hf-bare.log" | grep -v Warning
         ;;
-    hf)
+    hf) phase hf-b1; phase hf-b1-compile; phase hf-batched ;;
+    hf-b1)
         sweep hf-b1 -m engine=hf batch_size=1 kv_cache=dynamic,static "dataset.limit=$hf_n"
+        ;;
+    hf-b1-dynamic)
+        sweep hf-b1-dynamic engine=hf batch_size=1 kv_cache=dynamic "dataset.limit=$hf_n"
+        ;;
+    hf-b1-compile)
         sweep hf-b1-compile engine=hf engine.compile=true kv_cache=static batch_size=1 \
             warmup_batches=3 "dataset.limit=$hf_n"
-        sweep hf-batched -m engine=hf batch_size=16 kv_cache=dynamic "dataset.limit=${HF_BATCHED_N:-128}" \
+        ;;
+    hf-batched)
+        sweep hf-batched -m engine=hf batch_size=16 kv_cache=dynamic "dataset.limit=$hf_batched_n" \
             "${calibration[@]}"
+        ;;
+    hf-batched-compile)
+        sweep hf-batched-compile engine=hf batch_size=16 kv_cache=static engine.compile=true \
+            warmup_batches=2 "dataset.limit=$hf_batched_n" "${calibration[@]}"
         ;;
     vllm-bare)
         python3 "$here/bare_vllm.py" --model "$(model_dir)" \
@@ -95,6 +111,13 @@ phase() {
         ;;
     vllm-default-no-pc)
         sweep vllm-default-no-pc "${vllm_default[@]}" prefix_caching=false "${calibration[@]}"
+        ;;
+    vllm-mnbt)
+        # MNBT: max_num_batched_tokens values (tokens per scheduler step); each recompiles.
+        for tokens in ${MNBT:-8192 32768}; do
+            sweep "vllm-mnbt-$tokens" "${vllm_default[@]}" "engine.max_num_batched_tokens=$tokens" \
+                "dataset.limit=$subset" "${calibration[@]}"
+        done
         ;;
     vllm-flags)
         sweep vllm-flags -m engine=vllm prefix_caching=true continuous_batching=true,false \
