@@ -65,7 +65,7 @@ phase() {
     case $1 in
     setup)
         [[ -f $replica/SWEEPER_REPLICA.json && -f $replica/mscoco_val2014_annotations.json ]] \
-            || python3 -m sweeper.data.replica --n "$replica_n" --out "$replica" 2>&1 | grep -v '^images'
+            || python3 -m sweeper.data.replica --n "$replica_n" --out "$replica" --workers "$(nproc)" 2>&1 | grep -v '^images'
         # The MLflow store of an earlier machine, carried in (.carry/study), goes on growing: one
         # store holds the whole study.
         [[ -f .carry/study/mlflow.db && ! -f $study/mlflow.db ]] && cp .carry/study/mlflow.db "$study/"
