@@ -19,6 +19,7 @@ KV_CACHE_MODES = ("dynamic", "static", "offloaded", "quantized", "off")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_ERROR = ("raise", "skip")
+DECODE_LOOPS = ("generate", "graphed")
 MODEL_BUILDERS = ("tiny_random", "qwen2_5_vl_7b_arch")
 
 
@@ -71,10 +72,20 @@ class HFEngineConfig(EngineConfig):
     compile: bool = False
     # Tokens of KV the prefix cache keeps (prefix_caching=true); least recently used go first.
     prefix_cache_tokens: int = 65536
+    # `generate`: transformers' loop. `graphed`: sweeper's own (sweeper/engines/hf_graphed.py),
+    # which replays one compiled decoding step without generate's Python work per token.
+    decode_loop: str = "generate"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("engine.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _check_choice("engine.decode_loop", self.decode_loop, DECODE_LOOPS)
+        _check(
+            self.compile or self.decode_loop != "graphed",
+            "engine.compile",
+            self.compile,
+            "true with engine.decode_loop=graphed (the step it replays is the compiled one)",
+        )
         _check(
             self.prefix_cache_tokens >= 1,
             "engine.prefix_cache_tokens",
@@ -84,13 +95,18 @@ class HFEngineConfig(EngineConfig):
 
 
 VLLM_LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
+VLLM_FRONTENDS = ("llm", "async")
 
 
 @dataclass
 class VLLMEngineConfig(EngineConfig):
-    """vLLM's offline `LLM`; see conf/engine/vllm.yaml for what each key does."""
+    """vLLM behind the engine interface; see conf/engine/vllm.yaml for what each key does."""
 
     name: str = "vllm"
+    # llm: the offline `vllm.LLM`, which renders every request serially in this thread; async:
+    # `AsyncLLM` (what `vllm serve` runs), requests submitted concurrently and rendered on
+    # vLLM's pool of `renderer_num_workers` threads.
+    frontend: str = "llm"
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None  # null: the model's own
     enforce_eager: bool = False
@@ -106,9 +122,11 @@ class VLLMEngineConfig(EngineConfig):
     mm_processor_cache_type: str | None = None  # lru | shm
     mm_tensor_ipc: str | None = None  # direct_rpc | torch_shm: how pixel tensors reach the core
     async_scheduling: bool | None = None
+    renderer_num_workers: int | None = None  # null: vLLM's default (1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_choice("engine.frontend", self.frontend, VLLM_FRONTENDS)
         if self.mm_processor_cache_gb is not None:
             _check(
                 self.mm_processor_cache_gb >= 0,
@@ -154,6 +172,29 @@ class VLLMEngineConfig(EngineConfig):
                 self.kv_cache_space_gb,
                 "null or a number of GiB > 0",
             )
+        if self.renderer_num_workers is not None:
+            self._check_renderer_num_workers()
+
+    def _check_renderer_num_workers(self) -> None:
+        key, value = "engine.renderer_num_workers", self.renderer_num_workers
+        _check(value >= 1, key, value, "null or an integer >= 1")
+        if value == 1:
+            return
+        # vLLM only warns that the offline LLM ignores the pool; a sweep would measure nothing.
+        _check(
+            self.frontend == "async",
+            key,
+            value,
+            "null or 1 with engine.frontend=llm: the offline LLM renders requests serially and "
+            "never uses the renderer pool (set engine.frontend=async)",
+        )
+        _check(
+            self.mm_processor_cache_gb == 0,
+            key,
+            value,
+            "null or 1 unless engine.mm_processor_cache_gb=0: vLLM's processed-image cache is "
+            "not thread-safe, so several renderer workers need it off",
+        )
 
 
 @dataclass

@@ -25,6 +25,7 @@ from tests.conftest import run_cli
         ("dataset.limit=0", "dataset.limit", "an integer >= 1"),
         ("engine.device=tpu", "engine.device", "one of auto, cpu, cuda"),
         ("continuous_batching=true", "continuous_batching", "false with images"),
+        ("engine.decode_loop=eager", "engine.decode_loop", "one of generate, graphed"),
     ],
 )
 def test_out_of_range_values(override: str, key: str, allowed: str) -> None:
@@ -34,6 +35,60 @@ def test_out_of_range_values(override: str, key: str, allowed: str) -> None:
     message = str(error.value)
     assert "\n" not in message
     assert f"'{key}'" in message and value.lower() in message.lower() and allowed in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "allowed"),
+    [
+        (["engine.frontend=sync"], "engine.frontend", "one of llm, async"),
+        (["engine.renderer_num_workers=0"], "engine.renderer_num_workers", "an integer >= 1"),
+        (["engine.renderer_num_workers=2"], "engine.renderer_num_workers", "engine.frontend=llm"),
+        (
+            ["engine.frontend=async", "engine.renderer_num_workers=2"],
+            "engine.renderer_num_workers",
+            "unless engine.mm_processor_cache_gb=0",
+        ),
+        (
+            ["engine.renderer_num_workers=2", "engine.mm_processor_cache_gb=0"],
+            "engine.renderer_num_workers",
+            "engine.frontend=llm",
+        ),
+    ],
+)
+def test_vllm_frontend_keys(overrides: list[str], key: str, allowed: str) -> None:
+    # Refused by the config itself, so without vLLM installed too.
+    with pytest.raises(BadInput) as error:
+        preflight(["engine=vllm", *overrides])
+    message = str(error.value)
+    assert "\n" not in message and f"'{key}'" in message and allowed in message, message
+
+
+GRAPHED = ["engine.decode_loop=graphed", "kv_cache=static", "engine.compile=true"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "allowed"),
+    [
+        (GRAPHED[:2], "engine.compile", "true with engine.decode_loop=graphed"),
+        ([GRAPHED[0], GRAPHED[2]], "kv_cache", "static with engine.decode_loop=graphed"),
+        ([*GRAPHED, "beam_num=2"], "beam_num", "1 with engine.decode_loop=graphed"),
+        ([*GRAPHED, "prefix_caching=true"], "prefix_caching", "false with engine.decode_loop"),
+        (
+            [*GRAPHED, "continuous_batching=true", "workload.images=false"],
+            "continuous_batching",
+            "false with engine.decode_loop=graphed",
+        ),
+    ],
+)
+def test_graphed_decode_loop_needs_its_combination(overrides, key, allowed) -> None:
+    with pytest.raises(BadInput) as error:
+        preflight(overrides)
+    message = str(error.value)
+    assert "\n" not in message and f"'{key}'" in message and allowed in message, message
+
+
+def test_graphed_decode_loop_with_its_combination_is_accepted() -> None:
+    preflight([*GRAPHED, "temperature=0.7", "num_samples=3"])
 
 
 def test_unknown_key_lists_known_keys() -> None:
@@ -80,10 +135,16 @@ def test_grid_leaves_range_checks_to_each_trial() -> None:
 
 
 @pytest.mark.parametrize(
-    "override", ["beam_num=0", "unknown_key=1", "beam_num=x", "model.path=/nonexistent/model"]
+    "args",
+    [
+        ["beam_num=0"],
+        ["unknown_key=1"],
+        ["beam_num=x"],
+        ["model=custom", "model.path=/nonexistent/model"],
+        ["engine=vllm", "engine.frontend=async", "engine.renderer_num_workers=2"],
+    ],
 )
-def test_cli_exits_2_with_one_line(override: str, tmp_path, store) -> None:
-    args = [override] if not override.startswith("model.path") else ["model=custom", override]
+def test_cli_exits_2_with_one_line(args: list[str], tmp_path, store) -> None:
     start = time.monotonic()
     result = run_cli(args + store["args"], cwd=tmp_path, timeout=120)
     elapsed = time.monotonic() - start

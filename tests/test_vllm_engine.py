@@ -7,9 +7,11 @@ engine-level config allows (a vLLM start-up costs tens of seconds on two cores).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,9 +25,15 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from sweeper.cli import BadInput, preflight  # noqa: E402
 from sweeper.config import ConfigError, TrialConfig  # noqa: E402
-from sweeper.data import load_samples  # noqa: E402
+from sweeper.data import DataError, load_samples  # noqa: E402
 from sweeper.data.base import LoadedSample  # noqa: E402
-from sweeper.engines import ENGINE_CACHE, DecodingParams, Engine, engine_class  # noqa: E402
+from sweeper.engines import (  # noqa: E402
+    ENGINE_CACHE,
+    Completion,
+    DecodingParams,
+    Engine,
+    engine_class,
+)
 from sweeper.metrics import HEADLINE_METRICS  # noqa: E402
 from sweeper.trial import run_trial  # noqa: E402
 from tests.conftest import REPO, run_cli  # noqa: E402
@@ -57,12 +65,20 @@ def _loaded(trial: TrialConfig) -> Engine:
     return ENGINE_CACHE.get(trial.engine, trial.model, options).engine
 
 
+def _items(trial: TrialConfig) -> list[LoadedSample]:
+    samples, _ = load_samples(trial.dataset)
+    return [LoadedSample(sample, sample.load_image(), 0.0) for sample in samples]
+
+
+def _completions(trial: TrialConfig, items: list[LoadedSample] | None = None) -> list[Completion]:
+    """The trial's questions (or `items`) answered by the engine the trial loads."""
+    items = _items(trial) if items is None else items
+    return _loaded(trial).run(items, DecodingParams.from_trial(trial), trial.batch_size)
+
+
 def _texts(trial: TrialConfig) -> list[str]:
     """Every generated text of the trial's questions, from the engine it loads."""
-    samples, _ = load_samples(trial.dataset)
-    items = [LoadedSample(sample, sample.load_image(), 0.0) for sample in samples]
-    completions = _loaded(trial).run(items, DecodingParams.from_trial(trial), trial.batch_size)
-    return [text for completion in completions for text in completion.texts]
+    return [text for completion in _completions(trial) for text in completion.texts]
 
 
 def _assert_six_metrics(metrics: dict[str, float]) -> None:
@@ -94,6 +110,7 @@ def test_without_vllm_the_cli_gives_the_install_command_in_one_line(tmp_path: Pa
     [
         (["beam_num=2", "temperature=0.7"], "temperature", "cannot sample them"),
         (["beam_num=2", "continuous_batching=true"], "continuous_batching", "outside its"),
+        (["beam_num=2", "engine.frontend=async"], "beam_num", "engine.frontend=async"),
         (["kv_cache=static"], "kv_cache", "manages its own paged KV cache"),
         (["batch_size=64", "num_samples=8", "temperature=1"], "batch_size", "max_num_seqs"),
         (["engine.gpu_memory_utilization=1.5"], "engine.gpu_memory_utilization", "(0, 1]"),
@@ -171,11 +188,111 @@ def test_continuous_batching_schedules_batch_size_and_ttft_matches_vllm() -> Non
     trial = _trial(*VLLM, "dataset.limit=24", "continuous_batching=true", "batch_size=8")
     result = run_trial(trial)
     _assert_six_metrics(result.metrics)
-    scheduler = _loaded(trial).llm.llm_engine.vllm_config.scheduler_config
+    scheduler = _loaded(trial).frontend.vllm_config.scheduler_config
     assert scheduler.max_num_seqs == 8
     # Every request is submitted on its own here, so ttft_s is vLLM's own TTFT.
     ours, vllms = result.metrics["ttft_s"], result.metrics["vllm_ttft_s"]
     assert abs(ours - vllms) <= 0.05 * vllms, (ours, vllms)
+
+
+# --- engine.frontend=async (AsyncLLM) against the offline LLM ------------------------------------
+# The reference is the offline LLM's engine of the test above (same engine-level config: reused).
+
+ASYNC = (*VLLM, "engine.frontend=async")
+CONTINUOUS = ("continuous_batching=true", "batch_size=8")
+QUESTIONS = ("dataset.limit=16",)
+
+
+@pytest.fixture(scope="module")
+def llm_reference() -> list[Completion]:
+    """The offline LLM's greedy answers to the questions, under continuous batching."""
+    return _completions(_trial(*VLLM, *CONTINUOUS, *QUESTIONS))
+
+
+def _assert_like_reference(completions: list[Completion], reference: list[Completion]) -> None:
+    """The same answers from the same prompt tokens, and timings that hold together."""
+    assert [c.question_id for c in completions] == [c.question_id for c in reference]
+    assert [c.texts for c in completions] == [c.texts for c in reference]
+    for ours, theirs in zip(completions, reference, strict=True):
+        timing = ours.timing
+        assert timing.prompt_tokens == theirs.timing.prompt_tokens
+        assert timing.output_tokens == theirs.timing.output_tokens
+        assert timing.preprocess_s > 0, timing
+        assert 0 < timing.prefill_s <= timing.ttft_s <= timing.latency_s, timing
+        assert timing.tpot_s is not None and timing.tpot_s > 0, timing
+
+
+def test_async_frontend_answers_as_the_llm_frontend_under_continuous_batching(
+    llm_reference: list[Completion],
+) -> None:
+    trial = _trial(*ASYNC, *CONTINUOUS, *QUESTIONS)
+    _assert_like_reference(_completions(trial), llm_reference)
+
+    result = run_trial(_trial(*ASYNC, *CONTINUOUS, "dataset.limit=24"))
+    _assert_six_metrics(result.metrics)
+    assert result.tags["vllm_frontend"] == "async"
+    # Each request is submitted on its own, so ttft_s is vLLM's own TTFT (its histogram is
+    # filled by AsyncLLM's Prometheus logger).
+    ours, vllms = result.metrics["ttft_s"], result.metrics["vllm_ttft_s"]
+    assert abs(ours - vllms) <= 0.05 * vllms, (ours, vllms)
+
+
+def test_a_failing_request_leaves_the_async_engine_clean(
+    llm_reference: list[Completion],
+) -> None:
+    trial = _trial(*ASYNC, *CONTINUOUS, *QUESTIONS)
+    engine = _loaded(trial)
+    items = _items(trial)
+    unfinished = engine.frontend.llm.output_processor.get_num_unfinished_requests
+
+    # A prompt longer than max_model_len in the middle of the run: its requests before and after
+    # it are cancelled and aborted, and the error is the offline LLM's one line.
+    too_long = dataclasses.replace(items[8].sample, question="red " * 5000)
+    broken = [*items[:8], LoadedSample(too_long, items[8].image, 0.0), *items[9:]]
+    refused = rf"'engine.max_model_len'.*prompt length: question {too_long.question_id} "
+    with pytest.raises(ConfigError, match=refused):
+        _completions(trial, broken)
+    assert unfinished() == 0
+
+    # The samples iterator fails (a broken image) after some requests were submitted.
+    def failing() -> Iterator[LoadedSample]:
+        yield from items[:4]
+        raise DataError("broken image")
+
+    with pytest.raises(DataError, match="broken image"):
+        engine.run(failing(), DecodingParams.from_trial(trial), trial.batch_size)
+    assert unfinished() == 0
+
+    _assert_like_reference(_completions(trial, items), llm_reference)
+
+
+def test_async_frontend_in_static_batches_with_two_renderer_workers(
+    llm_reference: list[Completion],
+) -> None:
+    # vLLM allows several renderer workers only without its processed-image cache.
+    workers = ("engine.renderer_num_workers=2", "engine.mm_processor_cache_gb=0")
+    trial = _trial(*ASYNC, *QUESTIONS, "batch_size=4", *workers)
+    _assert_like_reference(_completions(trial), llm_reference)
+    engine = _loaded(trial)
+    assert engine.frontend.vllm_config.model_config.renderer_num_workers == 2
+    assert engine.tags()["vllm_renderer_num_workers"] == "2"
+
+
+@pytest.mark.slow
+def test_cli_runs_the_async_frontend_end_to_end(tmp_path: Path, store: dict) -> None:
+    ENGINE_CACHE.clear()  # this process's engine would only crowd the machine
+    args = [*ASYNC, *CONTINUOUS, "dataset.limit=8", *store["args"]]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(store["uri"])
+    (run,) = mlflow.search_runs(experiment_names=["sweeper"], output_format="list")
+    assert run.info.status == "FINISHED"
+    _assert_six_metrics(run.data.metrics)
+    assert run.data.metrics["num_samples_measured"] == 8
+    assert run.data.tags["vllm_frontend"] == "async"
 
 
 @pytest.mark.slow

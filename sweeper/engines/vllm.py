@@ -1,12 +1,23 @@
-"""vLLM engine: offline `vllm.LLM` behind the `Engine` interface, reporting the metrics of
-`sweeper/metrics/performance.py` with the same meaning as `engine=hf`.
+"""vLLM engine: vLLM's offline `LLM` or its `AsyncLLM` behind the `Engine` interface, reporting
+the metrics of `sweeper/metrics/performance.py` with the same meaning as `engine=hf`.
 
 Requests. Each request's chat (the workload's, `sweeper/workloads.py`) is rendered with the
 model's processor chat template, as `engine=hf` does, so both engines send the same prompt
-tokens; the text and the image (when the chat holds one) go to `LLM.enqueue`, inside which vLLM
-renders the request (its HF processor call), processes its inputs and hands it to the engine core
-(a child process). `LLM.wait_for_completion` runs the engine until every submitted request is
-done.
+tokens; the text and the image (when the chat holds one) go to vLLM's renderer (tokenizer, HF
+processor call), whose output is handed to the engine core (a child process). Two frontends
+(`engine.frontend`) do this; both render with vLLM's default completion tokenization, so they send
+the same tokens:
+- llm: the offline `vllm.LLM`. `LLM.enqueue` renders the request, processes its inputs and hands
+  it to the engine core, serially in this thread; `LLM.wait_for_completion` runs the engine until
+  every submitted request is done.
+- async: `AsyncLLM` (`vllm.v1.engine.async_llm`, what `vllm serve` runs), driven from an asyncio
+  event loop in a thread of its own. Each request is a task on that loop: the renderer's async
+  path (`render_cmpl_async`, as `vllm serve` takes it: vLLM 0.26 runs the HF processor call on its
+  pool of `engine.renderer_num_workers` threads; 0.32 on a single-worker executor of its own),
+  then `AsyncLLM.add_request`, then the request's one final output (`FINAL_ONLY`). Requests are
+  submitted as they come, so several are rendered at once while the engine runs the others. When
+  a request fails, the run's other requests are cancelled and aborted in the engine, so the next
+  trial starts clean.
 
 Batching.
 - continuous_batching=false: static batches of `batch_size` requests, each submitted only when
@@ -19,35 +30,45 @@ Batching.
   one-at-a-time pass runs static batches of one request.
 
 Timing, per request, from vLLM's own `RequestOutput.metrics` (a `RequestStateStats`, kept because
-the engine runs with `disable_log_stats=False`). Its `arrival_time` and `first_token_latency` are
-wall clock (`time.time()`) read in this process (vLLM's frontend); `scheduled_ts`,
-`first_token_ts` and `last_token_ts` are the engine core's `time.monotonic()`, read in another
-process. Only differences within one clock are taken:
+the engine runs with log stats on, `disable_log_stats=False`). Its `arrival_time` and
+`first_token_latency` are wall clock (`time.time()`) read in this process (vLLM's frontend);
+`scheduled_ts`, `first_token_ts` and `last_token_ts` are the engine core's `time.monotonic()`,
+read in another process. Only differences within one clock are taken:
 - `ttft_s` = (arrival_time - submission) + first_token_latency. Submission is the start of the
-  request's static batch, or the request itself under continuous batching; arrival is when vLLM
-  began rendering the request; first_token_latency runs from arrival until the first token is
-  back in this process. So under continuous batching `ttft_s` is vLLM's own TTFT, and in a static
-  batch it adds the time the request waited while the requests before it were rendered (as HF's
-  TTFT includes its processor call on the whole batch).
+  request's static batch, or the request itself under continuous batching (when sweeper takes it
+  up: its chat template call is inside); arrival is when vLLM's renderer began rendering the
+  request (`render_cmpl` and `render_cmpl_async` stamp it on entry, before tokenization, the HF
+  processor call and, on the async path, the wait for a renderer thread: the same in vLLM 0.26 and
+  0.32); first_token_latency runs from arrival until the first token is back in this process. So
+  under continuous batching `ttft_s` is vLLM's own TTFT plus the chat template call (and, async,
+  the hand-over to the event loop), and in a static batch of the llm frontend it adds the time the
+  request waited while the requests before it were rendered (as HF's TTFT includes its processor
+  call on the whole batch); the async frontend renders a batch's requests concurrently, and their
+  wait for a renderer thread is inside vLLM's own TTFT.
 - `prefill_s` = first_token_ts - scheduled_ts: vLLM's own prefill interval, from the request's
   first scheduling to its first token (chunked prefill and the other requests of the same steps
   included, as in HF's batched prefill).
 - `tpot_s` = (last_token_ts - first_token_ts) / (tokens - 1), `latency_s` = ttft_s +
   (last_token_ts - first_token_ts). With num_samples > 1 the stats are those vLLM keeps for the
   request (one of its sequences).
-- `preprocess_s` = image decode + the request's own `enqueue` call (chat template, vLLM's
-  renderer with the HF processor, input processing, hand-off to the engine core).
+- `preprocess_s` = image decode + the time from the request's chat template call until vLLM has
+  handed it to the engine core: with the llm frontend its own `enqueue` call (renderer with the
+  HF processor, input processing, hand-off); with the async frontend the hand-over to the event
+  loop, the wait for a renderer thread (under load requests queue for the pool), rendering and
+  `AsyncLLM.add_request`.
 - `output_tokens`: the generated token ids of every sequence; vLLM stops at EOS and keeps it,
   as counted for HF.
 - cached prompt tokens: `RequestOutput.num_cached_tokens`, the prompt tokens served from the
   prefix cache; `prefix_cache_hit_rate` = cached / prompt tokens over the measured run.
 
-Cross-checks logged beside them (`own_metrics`), from vLLM's Prometheus metrics
-(`LLM.get_metrics()`) differenced over the measured run: `vllm_ttft_s`, the mean of vLLM's
-time_to_first_token histogram (sum / count), and `vllm_prefix_cache_hit_rate`,
-prefix_cache_hits / prefix_cache_queries (both count tokens).
+Cross-checks logged beside them (`own_metrics`), from vLLM's Prometheus metrics differenced over
+the measured run (`vllm.v1.metrics.reader.get_metrics_snapshot`, what `LLM.get_metrics()`
+returns; `AsyncLLM` registers the same Prometheus logger when log stats are on):
+`vllm_ttft_s`, the mean of vLLM's time_to_first_token histogram (sum / count), and
+`vllm_prefix_cache_hit_rate`, prefix_cache_hits / prefix_cache_queries (both count tokens).
 
-Beam search (beam_num > 1) uses `LLM.beam_search`, which runs outside the scheduler: one
+Beam search (beam_num > 1, llm frontend only: `AsyncLLM`'s beam search is another API, kept out
+of scope) uses `LLM.beam_search`, which runs outside the scheduler: one
 synchronous round of requests per output token, each live beam a new request for the next
 token's 2 x beam_num best log-probs, its whole prompt sent again every round. With prefix caching
 the re-sent prefix is a cache hit; without it every round prefills the whole sequence again. It
@@ -66,8 +87,9 @@ records it in the `vllm_memory` tag. Peak memory is read over the process tree, 
 engine core and its worker.
 
 Lifecycle: the engine cache reuses a loaded engine across trials with the same engine-level
-config; `close` shuts the engine core down and waits until its processes have exited, so their
-memory is free before the next engine loads.
+config (the frontend and renderer_num_workers included); `close` shuts the engine core down (async:
+`AsyncLLM.shutdown`, then its event loop stops) and waits until its processes have exited, so
+their memory is free before the next engine loads.
 
 vLLM is imported only when an engine is built: without it, `check_supported` refuses
 `engine=vllm` in one line with the install command.
@@ -75,15 +97,19 @@ vLLM is imported only when an engine is built: without it, `check_supported` ref
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import gc
 import importlib.util
+import itertools
 import os
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import psutil
 import torch
@@ -99,6 +125,9 @@ from sweeper.workloads import has_image, request_messages
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
+    from vllm.config import VllmConfig
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 GIB = 1024**3
 # On CPU vLLM reads gpu_memory_utilization as a share of all RAM and fails to start when other
@@ -111,15 +140,17 @@ INSTALL_HINT = (
 _TTFT = "vllm:time_to_first_token_seconds"
 _CACHE_QUERIES = "vllm:prefix_cache_queries"
 _CACHE_HITS = "vllm:prefix_cache_hits"
+_T = TypeVar("_T")
 
 
-# Engine keys passed to LLM(...) only when set, so that vLLM's own defaults (which vary by
-# release) apply otherwise.
+# Engine keys passed to vLLM only when set, so that vLLM's own defaults (which vary by release)
+# apply otherwise.
 FRONTEND_KEYS = (
     "mm_processor_cache_gb",
     "mm_processor_cache_type",
     "mm_tensor_ipc",
     "async_scheduling",
+    "renderer_num_workers",
 )
 
 
@@ -145,10 +176,202 @@ def _is_resource_tracker(process: psutil.Process) -> bool:
 
 
 @dataclass
-class _Submitted:
+class _Request:
     item: LoadedSample
-    submitted: float  # wall clock, as vLLM's arrival_time
-    preprocess_s: float
+    prompt: dict[str, Any]
+    submitted: float  # wall clock, as vLLM's arrival_time: the static batch's start, or its own
+    started: float  # perf_counter when sweeper took it up (its chat template call)
+    preprocess_s: float = 0.0
+
+    def handed_over(self) -> None:
+        """vLLM has rendered the request and handed it to the engine core."""
+        self.preprocess_s = self.item.decode_s + time.perf_counter() - self.started
+
+
+class _Refused(Exception):
+    """vLLM refused a request's input (e.g. a prompt longer than max_model_len)."""
+
+    def __init__(self, request: _Request, error: VLLMValidationError):
+        super().__init__(str(error))
+        self.request, self.error = request, error
+
+
+class _Frontend(ABC):
+    """What differs between vLLM's two frontends: building, submitting, caches, shutdown."""
+
+    vllm_config: VllmConfig
+
+    @abstractmethod
+    def run(
+        self, requests: Iterable[_Request], params: SamplingParams
+    ) -> list[tuple[_Request, RequestOutput]]:
+        """Submit each request as `requests` yields it and wait until all are done; the outputs
+        in submission order. A request vLLM refuses raises `_Refused`; whatever fails, no request
+        of the run is left in the engine."""
+
+    @abstractmethod
+    def reset_caches(self) -> None:
+        """Forget cached prefixes and processed images."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop the engine core (the caller then waits for its processes) and drop vLLM's object:
+        its memory is freed even where this frontend lives on (a traceback kept by a failed
+        optional import during start-up holds the frames of the stack, start-up's included)."""
+
+
+class _OfflineFrontend(_Frontend):
+    """The offline `vllm.LLM`: `enqueue` renders each request serially in this thread."""
+
+    def __init__(self, engine_args: dict[str, Any]):
+        from vllm import LLM
+
+        self.llm: LLM = LLM(**engine_args)
+        self.vllm_config = self.llm.llm_engine.vllm_config
+
+    def run(
+        self, requests: Iterable[_Request], params: SamplingParams
+    ) -> list[tuple[_Request, RequestOutput]]:
+        from vllm.exceptions import VLLMValidationError
+
+        submitted: list[_Request] = []
+        try:
+            for request in requests:  # the samples iterator may raise too (a broken image)
+                try:
+                    self.llm.enqueue(request.prompt, params, use_tqdm=False)
+                except VLLMValidationError as error:
+                    raise _Refused(request, error) from error
+                request.handed_over()
+                submitted.append(request)
+        except Exception:
+            # Finish what was submitted, so that the engine is clean for the next trial.
+            self.llm.wait_for_completion(use_tqdm=False)
+            raise
+        # In submission order: vLLM returns outputs sorted by its request counter.
+        outputs = self.llm.wait_for_completion(use_tqdm=False)
+        return list(zip(submitted, outputs, strict=True))
+
+    def reset_caches(self) -> None:
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+
+    def shutdown(self) -> None:
+        # LLM has no shutdown of its own; its engine-core client stops the engine processes.
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+
+
+class _AsyncFrontend(_Frontend):
+    """`AsyncLLM`, driven from an asyncio event loop that runs in a thread of its own, so that
+    this thread keeps taking samples from the iterator (which decodes images in its prefetch
+    thread) and submitting them while the loop renders and collects the earlier ones."""
+
+    def __init__(self, engine_args: dict[str, Any]):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # Built here rather than on the loop (AsyncLLM starts its output handler at the first
+        # request), so the engine core is started from the main thread, as the offline LLM's is.
+        self.llm: AsyncLLM = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
+        self.vllm_config = self.llm.vllm_config
+        # The tokenization the offline LLM's enqueue uses, so both frontends send the same tokens.
+        self._tokenize = self.llm.renderer.default_cmpl_tok_params
+        self._request_ids = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="sweeper-vllm-async", daemon=True
+        )
+        self._thread.start()
+
+    def _call(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Run `coroutine` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def run(
+        self, requests: Iterable[_Request], params: SamplingParams
+    ) -> list[tuple[_Request, RequestOutput]]:
+        # None ends the run; an exception (from the samples iterator) fails it.
+        submissions: asyncio.Queue[_Request | Exception | None] = asyncio.Queue()
+        outputs = asyncio.run_coroutine_threadsafe(self._run(submissions, params), self._loop)
+
+        def submit(entry: _Request | Exception | None) -> None:
+            self._loop.call_soon_threadsafe(submissions.put_nowait, entry)
+
+        try:
+            for request in requests:
+                if outputs.done():  # a request failed and the run is over: its error below
+                    break
+                submit(request)
+            submit(None)
+        except Exception as error:  # a broken image: the loop aborts what was submitted
+            submit(error)
+        try:
+            return outputs.result()
+        except ExceptionGroup as group:  # the run's TaskGroup: the failure that ended it
+            raise group.exceptions[0] from None
+
+    async def _run(
+        self, submissions: asyncio.Queue[_Request | Exception | None], params: SamplingParams
+    ) -> list[tuple[_Request, RequestOutput]]:
+        submitted: list[tuple[_Request, str, asyncio.Task[RequestOutput]]] = []
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                while (entry := await submissions.get()) is not None:
+                    if isinstance(entry, Exception):
+                        raise entry
+                    request_id = str(next(self._request_ids))
+                    task = tasks.create_task(self._generate(entry, params, request_id))
+                    submitted.append((entry, request_id, task))
+        except Exception:
+            # The TaskGroup has cancelled the run's other tasks, but their requests run on in
+            # the engine (only AsyncLLM.generate aborts on cancellation): abort every request of
+            # the run by id (finished ones are ignored).
+            if not self.llm.errored:
+                await self.llm.abort([request_id for _, request_id, _ in submitted])
+            raise
+        return [(request, task.result()) for request, _, task in submitted]
+
+    async def _generate(
+        self, request: _Request, params: SamplingParams, request_id: str
+    ) -> RequestOutput:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        prompt = parse_model_prompt(self.llm.model_config, request.prompt)
+        try:
+            # Rendered here, not inside add_request: given a raw prompt, vLLM 0.26 renders it
+            # on the event loop itself (serially) and 0.32 on its renderer pool, each stamping
+            # arrival_time at another point; render_cmpl_async is `vllm serve`'s path in both
+            # and stamps arrival_time on entry, as the offline LLM's render_cmpl does.
+            (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt], self._tokenize)
+            collector = await self.llm.add_request(request_id, engine_input, params)
+        except VLLMValidationError as error:
+            raise _Refused(request, error) from error
+        request.handed_over()
+        return await collector.get()  # FINAL_ONLY: one output, once the request is done
+
+    def reset_caches(self) -> None:
+        self._call(self.llm.reset_prefix_cache())
+        self._call(self.llm.reset_mm_cache())
+
+    def shutdown(self) -> None:
+        self._call(self._shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        del self.llm
+
+    async def _shutdown(self) -> None:
+        self.llm.shutdown()
+        # What AsyncLLM leaves on the loop (its output handler, now cancelled) finishes before
+        # the loop closes, as asyncio.run does.
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+
+
+FRONTENDS: dict[str, type[_Frontend]] = {"llm": _OfflineFrontend, "async": _AsyncFrontend}
 
 
 class _RoundClock:
@@ -203,6 +426,13 @@ class VLLMEngine(Engine):
             )
         super().check_supported(trial)
         if trial.beam_num > 1:
+            if trial.engine.frontend != "llm":
+                raise ConfigError(
+                    "beam_num",
+                    trial.beam_num,
+                    "1 with engine.frontend=async: vLLM's beam search runs through the offline "
+                    "LLM (AsyncLLM's is another API); use engine.frontend=llm",
+                )
             if trial.temperature > 0:
                 raise ConfigError(
                     "temperature",
@@ -249,7 +479,6 @@ class VLLMEngine(Engine):
         # Quiet by default, as the CLI keeps other libraries (VLLM_LOGGING_LEVEL=INFO shows all);
         # read when vLLM is first imported, and inherited by its engine processes.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM
         from vllm.platforms import current_platform
 
         platform = current_platform.device_type
@@ -260,6 +489,7 @@ class VLLMEngine(Engine):
                 f"auto or {platform}: the installed vLLM runs on {platform}",
             )
         self.device = platform
+        self.frontend_name = engine_cfg.frontend
         self.continuous_batching = continuous_batching
         kv_cache_gb = engine_cfg.kv_cache_space_gb
         if kv_cache_gb is None and platform == "cpu":
@@ -282,24 +512,27 @@ class VLLMEngine(Engine):
         # The processor gives the chat template engine=hf uses, so both send the same tokens.
         self.processor = AutoProcessor.from_pretrained(model_path)
         started_before = {process.pid for process in _children()}
-        self.llm = LLM(
-            model=model_path,
-            dtype=resolve_dtype(engine_cfg.dtype, platform),
-            seed=engine_cfg.seed,
-            gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
-            kv_cache_memory_bytes=None if kv_cache_gb is None else int(kv_cache_gb * GIB),
-            max_model_len=engine_cfg.max_model_len,
-            enforce_eager=engine_cfg.enforce_eager,
-            tensor_parallel_size=engine_cfg.tensor_parallel_size,
-            load_format=self.load_format,
-            max_num_batched_tokens=engine_cfg.max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
-            enable_prefix_caching=prefix_caching,
-            limit_mm_per_prompt={"image": 1, "video": 0},
-            disable_log_stats=False,  # per-request RequestStateStats and get_metrics() need it
+        # The same engine arguments for both frontends (LLM(...) and AsyncEngineArgs(...)).
+        engine_args = {
+            "model": model_path,
+            "dtype": resolve_dtype(engine_cfg.dtype, platform),
+            "seed": engine_cfg.seed,
+            "gpu_memory_utilization": engine_cfg.gpu_memory_utilization,
+            "kv_cache_memory_bytes": None if kv_cache_gb is None else int(kv_cache_gb * GIB),
+            "max_model_len": engine_cfg.max_model_len,
+            "enforce_eager": engine_cfg.enforce_eager,
+            "tensor_parallel_size": engine_cfg.tensor_parallel_size,
+            "load_format": self.load_format,
+            "max_num_batched_tokens": engine_cfg.max_num_batched_tokens,
+            "max_num_seqs": max_num_seqs,
+            "enable_prefix_caching": prefix_caching,
+            "limit_mm_per_prompt": {"image": 1, "video": 0},
+            # Per-request RequestStateStats and the Prometheus metrics need it.
+            "disable_log_stats": False,
             **_set_only(engine_cfg, FRONTEND_KEYS),
-        )
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        }
+        self.frontend = FRONTENDS[engine_cfg.frontend](engine_args)
+        self.max_model_len = self.frontend.vllm_config.model_config.max_model_len
         # The engine core and its workers: they hold the model, and close waits for them.
         self.processes = [
             process
@@ -317,17 +550,22 @@ class VLLMEngine(Engine):
     def tags(self) -> dict[str, str]:
         import vllm
 
-        cache = self.llm.llm_engine.vllm_config.cache_config
+        config = self.frontend.vllm_config
+        cache = config.cache_config
         return {
             "vllm_version": vllm.__version__,
+            "vllm_frontend": self.frontend_name,
+            "vllm_renderer_num_workers": str(config.model_config.renderer_num_workers),
             "vllm_load_format": self.load_format,
             "vllm_memory": self.memory_note,
             "vllm_kv_cache_tokens": str((cache.num_gpu_blocks or 0) * cache.block_size),
         }
 
     def _counters(self) -> dict[str, float]:
+        from vllm.v1.metrics.reader import get_metrics_snapshot
+
         totals = {"ttft_sum": 0.0, "ttft_count": 0.0, "queries": 0.0, "hits": 0.0}
-        for metric in self.llm.get_metrics():  # one entry per label set (engine index)
+        for metric in get_metrics_snapshot():  # one entry per label set (engine index)
             if metric.name == _TTFT:
                 totals["ttft_sum"] += metric.sum
                 totals["ttft_count"] += metric.count
@@ -351,6 +589,7 @@ class VLLMEngine(Engine):
 
     def _sampling_params(self, decoding: DecodingParams) -> SamplingParams:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
             n=decoding.num_samples,
@@ -360,6 +599,8 @@ class VLLMEngine(Engine):
             top_p=decoding.top_p,
             seed=decoding.seed,
             ignore_eos=decoding.ignore_eos,
+            # Only the final output per request (the offline LLM sets it itself).
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
     def count_tokens(self, text: str) -> int:
@@ -368,8 +609,7 @@ class VLLMEngine(Engine):
     def reset_prefix_cache(self) -> None:
         # The processed-image caches too: a measured phase would otherwise skip the processor for
         # the images an earlier phase sent, which engine=hf never does.
-        self.llm.reset_prefix_cache()
-        self.llm.reset_mm_cache()
+        self.frontend.reset_caches()
 
     def _prompt(self, item: LoadedSample, decoding: DecodingParams) -> dict[str, Any]:
         messages = request_messages(item, decoding)
@@ -391,41 +631,34 @@ class VLLMEngine(Engine):
             "included (raise it, or shorten the system prompt)",
         )
 
+    def _requests(
+        self,
+        items: Iterable[LoadedSample],
+        decoding: DecodingParams,
+        batch_submitted: float | None,
+    ) -> Iterator[_Request]:
+        for item in items:
+            submitted = time.time() if batch_submitted is None else batch_submitted
+            started = time.perf_counter()
+            yield _Request(item, self._prompt(item, decoding), submitted, started)
+
     def _generate(
         self,
         items: Iterable[LoadedSample],
         decoding: DecodingParams,
         batch_submitted: float | None,
     ) -> list[Completion]:
-        """Submit every item, run the engine until all are done; `batch_submitted` is the
-        submission time of a static batch (None: each request is submitted on its own)."""
-        from vllm.exceptions import VLLMValidationError
-
-        params = self._sampling_params(decoding)
-        submitted: list[_Submitted] = []
-        question = ""
+        """Submit every item, wait until all are done; `batch_submitted` is the submission time
+        of a static batch (None: each request is submitted on its own)."""
+        requests = self._requests(items, decoding, batch_submitted)
         try:
-            for item in items:  # a workload's iterator may raise too (a broken image)
-                question = f"question {item.sample.question_id}"
-                submit = time.time() if batch_submitted is None else batch_submitted
-                start = time.perf_counter()
-                self.llm.enqueue(self._prompt(item, decoding), params, use_tqdm=False)
-                preprocess_s = item.decode_s + time.perf_counter() - start
-                submitted.append(_Submitted(item, submit, preprocess_s))
-        except Exception as error:
-            # Finish what was submitted, so that the engine is clean for the next trial.
-            self.llm.wait_for_completion(use_tqdm=False)
-            if isinstance(error, VLLMValidationError):
-                raise self._too_long(error, question) from None
-            raise
-        # In submission order: vLLM returns outputs sorted by its request counter.
-        outputs = self.llm.wait_for_completion(use_tqdm=False)
-        return [
-            self._completion(request, output)
-            for request, output in zip(submitted, outputs, strict=True)
-        ]
+            done = self.frontend.run(requests, self._sampling_params(decoding))
+        except _Refused as refused:
+            question = f"question {refused.request.item.sample.question_id}"
+            raise self._too_long(refused.error, question) from None
+        return [self._completion(request, output) for request, output in done]
 
-    def _completion(self, request: _Submitted, output: RequestOutput) -> Completion:
+    def _completion(self, request: _Request, output: RequestOutput) -> Completion:
         stats = output.metrics
         ttft = (stats.arrival_time - request.submitted) + stats.first_token_latency
         decode_s = stats.last_token_ts - stats.first_token_ts
@@ -453,12 +686,15 @@ class VLLMEngine(Engine):
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import BeamSearchParams
 
+        # check_supported refuses beam search with the async frontend.
+        assert isinstance(self.frontend, _OfflineFrontend)
+        llm = self.frontend.llm
         params = BeamSearchParams(beam_width=decoding.beam_num, max_tokens=decoding.max_new_tokens)
         submitted = time.time()
         prompts = [self._prompt(item, decoding) for item in batch]
         try:
-            with _RoundClock(self.llm) as rounds:
-                results = self.llm.beam_search(prompts, params)
+            with _RoundClock(llm) as rounds:
+                results = llm.beam_search(prompts, params)
         except VLLMValidationError as error:
             raise self._too_long(error, "a question of the batch") from None
         # Round 1 holds one request per question (each starts from a single beam), in order.
@@ -501,9 +737,8 @@ class VLLMEngine(Engine):
 
     def close(self) -> None:
         atexit.unregister(self.close)
-        # LLM has no shutdown of its own; its engine-core client stops the engine processes.
-        self.llm.llm_engine.engine_core.shutdown()
-        del self.llm
+        self.frontend.shutdown()
+        del self.frontend
         gc.collect()
         _, alive = psutil.wait_procs(self.processes, timeout=30)
         for process in alive:  # ours, and still holding the memory the next engine needs
