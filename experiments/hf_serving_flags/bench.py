@@ -86,13 +86,18 @@ SECTIONS = [
         model="tiny_random",
     ),
     Section(
-        "kv_cache=static (+ engine.compile) vs dynamic",
+        "kv_cache=static (+ engine.compile, + engine.decode_loop=graphed) vs dynamic",
         "report it (GPU target later: >= 150 tok/s with compile)",
         ["dataset.limit=32", "batch_size=8", "max_new_tokens=64", "calibration_samples=8"],
         {
             "kv_cache=dynamic": [],
             "kv_cache=static": ["kv_cache=static"],
             "kv_cache=static engine.compile=true": ["kv_cache=static", "engine.compile=true"],
+            "+ engine.decode_loop=graphed": [
+                "kv_cache=static",
+                "engine.compile=true",
+                "engine.decode_loop=graphed",
+            ],
         },
         ["tps", "tpot_s", "ttft_s", "prefill_s"],
         model="tiny_random",

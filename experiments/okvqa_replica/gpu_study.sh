@@ -14,11 +14,15 @@
 #   hf-bare      bare `generate` loop, batch 1: dynamic vs static cache (transformers' own compile)
 #   hf           sweeper engine=hf: hf-b1 (batch 1, dynamic / static), hf-b1-compile
 #                (static + compile), hf-batched (batch 16, dynamic); hf-b1-dynamic and
-#                hf-batched-compile (batch 16, static + compile) run on their own
+#                hf-batched-compile (batch 16, static + compile) run on their own, as does
+#                hf-b1-graphed / hf-batched-graphed (batch 1 / 16, static + compile,
+#                engine.decode_loop=graphed)
 #   vllm-bare    bare LLM.generate, vLLM defaults, all 5,046 questions
 #   vllm-default sweeper engine=vllm with vLLM's default settings, all 5,046 questions
 #   vllm-default-no-pc  the same with prefix caching off
 #   vllm-mnbt    vLLM defaults with max_num_batched_tokens in $MNBT, $SUBSET questions
+#   vllm-async   vLLM defaults through AsyncLLM with RENDERERS renderer threads, all questions
+#   vllm-optuna-async  Optuna study over the AsyncLLM frontend's settings, $SUBSET questions
 #   vllm-flags   continuous vs static batches of 256, $SUBSET questions
 #   vllm-optuna  Optuna study (TPE) over vLLM's serving settings, $SUBSET questions
 #   vllm-best    the study's best settings on all 5,046 questions
@@ -47,6 +51,7 @@ common=(
 # vLLM's offline defaults on an H100 (vllm/engine/arg_utils.py): max_num_seqs 1024, prefix
 # caching on; under continuous batching sweeper's max_num_seqs is batch_size.
 vllm_default=(engine=vllm continuous_batching=true prefix_caching=true batch_size=1024)
+async_frontend=(engine.frontend=async engine.mm_processor_cache_gb=0)
 # The one-at-a-time half of batch_efficiency costs ~1 s per sample at batch 1: keep it short.
 calibration=(calibration_samples=4)
 
@@ -92,6 +97,18 @@ phase() {
         sweep hf-b1-compile engine=hf engine.compile=true kv_cache=static batch_size=1 \
             warmup_batches=3 "dataset.limit=$hf_n"
         ;;
+    hf-b1-graphed)
+        # The step compiles (and records its CUDA graph) once per cache length: prompt + 100
+        # tokens rounded up to a power of two. A length first met after the warm-up batches is
+        # compiled inside the measured run, and timed with it.
+        sweep hf-b1-graphed engine=hf engine.compile=true kv_cache=static engine.decode_loop=graphed \
+            batch_size=1 warmup_batches=3 "dataset.limit=$hf_n"
+        ;;
+    hf-batched-graphed)
+        sweep hf-batched-graphed engine=hf engine.compile=true kv_cache=static \
+            engine.decode_loop=graphed batch_size=16 warmup_batches=2 "dataset.limit=$hf_batched_n" \
+            "${calibration[@]}"
+        ;;
     hf-batched)
         sweep hf-batched -m engine=hf batch_size=16 kv_cache=dynamic "dataset.limit=$hf_batched_n" \
             "${calibration[@]}"
@@ -118,6 +135,20 @@ phase() {
             sweep "vllm-mnbt-$tokens" "${vllm_default[@]}" "engine.max_num_batched_tokens=$tokens" \
                 "dataset.limit=$subset" "${calibration[@]}"
         done
+        ;;
+    vllm-async)
+        # vLLM's defaults, but requests go through AsyncLLM, whose renderer pool of RENDERERS
+        # threads preprocesses images in parallel (it needs the processor cache off).
+        for workers in ${RENDERERS:-8}; do
+            sweep "vllm-async-$workers" "${vllm_default[@]}" "${async_frontend[@]}" \
+                "engine.renderer_num_workers=$workers" "${calibration[@]}" ${VLLM_ARGS:-}
+        done
+        ;;
+    vllm-optuna-async)
+        sweep vllm-optuna-async -m engine=vllm continuous_batching=true "${async_frontend[@]}" \
+            hydra/sweeper=vllm_async_throughput "hydra.sweeper.n_trials=${N_TRIALS:-8}" \
+            "hydra.sweeper.storage=sqlite:///$study/optuna.db" "dataset.limit=$subset" \
+            "${calibration[@]}"
         ;;
     vllm-flags)
         sweep vllm-flags -m engine=vllm prefix_caching=true continuous_batching=true,false \

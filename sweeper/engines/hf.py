@@ -12,10 +12,17 @@ decoding) share the loaded model.
   the running batch step by step). It takes token ids only - no pixel values, no M-RoPE
   positions - so with images it would answer without seeing them: it is refused unless
   `workload.images=false`.
+- `engine.decode_loop`: `generate` (transformers' loop) or `graphed` (sweeper/engines/
+  hf_graphed.py: the prompt once, then one compiled step of fixed shapes replayed per token,
+  without `generate`'s Python work per token; greedy answers are `generate`'s token for token).
+  `graphed` needs kv_cache=static and engine.compile=true; it decodes greedily or by sampling,
+  one or num_samples sequences per request, without beam search, prefix caching or continuous
+  batching.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.util
 import logging
@@ -47,6 +54,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from sweeper.config import KV_CACHE_MODES, ConfigError
 from sweeper.data.base import LoadedSample
 from sweeper.engines.base import Completion, DecodingParams, Engine
+from sweeper.engines.hf_graphed import DecodeRun, GraphedDecoder
 from sweeper.engines.hf_prefix import (
     BatchLayout,
     Entry,
@@ -77,6 +85,13 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return _DTYPES[dtype]
+
+
+def static_cache_length(tokens: int) -> int:
+    """A static cache for `tokens` (prompt + new tokens), sized to a power of two: prompts of
+    varying length then share one cache shape, and a compiled decoding step is not recompiled
+    for every new length."""
+    return 1 << (tokens - 1).bit_length()
 
 
 def quanto_installed() -> bool:
@@ -198,6 +213,35 @@ class HFEngine(Engine):
                 "dynamic with continuous_batching=true (it runs on its own paged cache)",
             ),
         ]
+        if trial.engine.decode_loop == "graphed":
+            refusals = [
+                (
+                    kv_cache != "static",
+                    "kv_cache",
+                    kv_cache,
+                    "static with engine.decode_loop=graphed (its compiled step runs on the "
+                    "static cache)",
+                ),
+                (
+                    trial.beam_num > 1,
+                    "beam_num",
+                    trial.beam_num,
+                    "1 with engine.decode_loop=graphed (greedy or sampling, no beam search)",
+                ),
+                (
+                    trial.prefix_caching,
+                    "prefix_caching",
+                    trial.prefix_caching,
+                    "false with engine.decode_loop=graphed",
+                ),
+                (
+                    trial.continuous_batching,
+                    "continuous_batching",
+                    trial.continuous_batching,
+                    "false with engine.decode_loop=graphed (it decodes static batches)",
+                ),
+                *refusals,
+            ]
         for refused, key, value, allowed in refusals:
             if refused:
                 raise ConfigError(key, value, allowed)
@@ -236,6 +280,9 @@ class HFEngine(Engine):
             mode = "reduce-overhead" if self.device.startswith("cuda") else "default"
             self.compile_config = CompileConfig(mode=mode)
             self.compile_config._compile_all_devices = True  # transformers compiles on GPU only
+        self.graphed: GraphedDecoder | None = None
+        if engine_cfg.decode_loop == "graphed":  # engine.compile=true: the config checks it
+            self.graphed = GraphedDecoder(self.model, self.compile_config.mode, self.now)
 
     def synchronize(self) -> None:
         if self.device.startswith("cuda"):
@@ -267,9 +314,7 @@ class HFEngine(Engine):
         if kv_cache != "dynamic" and not own_cache:
             kwargs["cache_implementation"] = kv_cache
         if kv_cache == "static" and not own_cache and length is not None:
-            # Sized to a power of two: prompts of varying length then share one cache shape,
-            # and the compiled decoding step is not recompiled for every new length.
-            kwargs["max_cache_len"] = 1 << (length - 1).bit_length()
+            kwargs["max_cache_len"] = static_cache_length(length)
         if kv_cache == "quantized" and not own_cache:
             kwargs["cache_config"] = {"backend": "quanto", "nbits": 4}
         return kwargs
@@ -292,6 +337,13 @@ class HFEngine(Engine):
                 temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p
             )
         return kwargs
+
+    def _generation_config(self, decoding: DecodingParams) -> GenerationConfig:
+        """What `generate` decodes with: the checkpoint's generation_config under the trial's
+        arguments."""
+        config = copy.deepcopy(self.model.generation_config)
+        config.update(**self._generate_kwargs(decoding))
+        return config
 
     def _output_length(self, tokens: list[int]) -> int:
         """Generated tokens up to and including the first EOS; padding after it is not output."""
@@ -333,14 +385,56 @@ class HFEngine(Engine):
         self, batch: list[LoadedSample], decoding: DecodingParams
     ) -> list[Completion]:
         submitted = self.now()
+        inputs, images = self._inputs(batch, decoding)
+        ready = self.now()
+        run, cached = self._decode(inputs, images, decoding)
+        prefill_s = run.prefill_done - ready
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+
+        completions = []
+        n = decoding.num_samples
+        for row, item in enumerate(batch):
+            completion = self._completion(
+                item,
+                run.tokens[row * n : (row + 1) * n],
+                [run.step_times] * n,
+                submitted,
+                preprocess_s=item.decode_s + (ready - submitted),
+                prefill_s=prefill_s,
+                prompt_tokens=int(prompt_tokens[row]),
+                cached_prompt_tokens=cached[row],
+            )
+            completions.append(completion)
+        return completions
+
+    def _inputs(self, batch: list[LoadedSample], decoding: DecodingParams) -> tuple[Any, list]:
+        """The batch's prompts as the processor's left-padded tensors on the device, and its
+        images."""
         chats = [request_messages(item, decoding) for item in batch]
         texts = [self.processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
         images = [item.image for item, chat in zip(batch, chats, strict=True) if has_image(chat)]
         inputs = self.processor(
             text=texts, images=images or None, padding=True, return_tensors="pt"
         ).to(self.device)
-        ready = self.now()
+        return inputs, images
 
+    def _decode(
+        self, inputs: Any, images: list, decoding: DecodingParams
+    ) -> tuple[DecodeRun, list[int]]:
+        """The batch's new tokens and clock readings, by `engine.decode_loop`; each request's
+        reused prompt tokens."""
+        length = inputs["input_ids"].shape[1] + decoding.max_new_tokens
+        if self.graphed is None:
+            return self._generate(inputs, images, decoding, length)
+        config = self._generation_config(decoding)
+        run = self.graphed.decode(inputs, config, static_cache_length(length), decoding.seed)
+        return run, [0] * inputs["input_ids"].shape[0]
+
+    def _generate(
+        self, inputs: Any, images: list, decoding: DecodingParams, length: int
+    ) -> tuple[DecodeRun, list[int]]:
+        """`model.generate` (on the cached prefixes with prefix caching), timed by its clocks;
+        each request's reused prompt tokens. `length`: prompt + new tokens."""
         prefill_clock, token_clock = _PrefillClock(self), _TokenClock(self)
         clocks = {
             "logits_processor": LogitsProcessorList([prefill_clock]),
@@ -352,33 +446,12 @@ class HFEngine(Engine):
             output = self.model.generate(
                 **inputs,
                 **self._generate_kwargs(decoding),
-                **self._cache_kwargs(
-                    decoding.kv_cache,
-                    length=inputs["input_ids"].shape[1] + decoding.max_new_tokens,
-                ),
+                **self._cache_kwargs(decoding.kv_cache, length=length),
                 **clocks,
             )
-            prompt_len, cached = inputs["input_ids"].shape[1], [0] * len(batch)
-        generated = output[:, prompt_len:].tolist()
-        steps = token_clock.step_times
-        prefill_s = prefill_clock.prefill_done - ready
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-
-        completions = []
-        n = decoding.num_samples
-        for row, item in enumerate(batch):
-            completion = self._completion(
-                item,
-                generated[row * n : (row + 1) * n],
-                [steps] * n,
-                submitted,
-                preprocess_s=item.decode_s + (ready - submitted),
-                prefill_s=prefill_s,
-                prompt_tokens=int(prompt_tokens[row]),
-                cached_prompt_tokens=cached[row],
-            )
-            completions.append(completion)
-        return completions
+            prompt_len, cached = inputs["input_ids"].shape[1], [0] * inputs["input_ids"].shape[0]
+        tokens = output[:, prompt_len:].tolist()
+        return DecodeRun(tokens, prefill_clock.prefill_done, token_clock.step_times), cached
 
     # ---- prefix caching -------------------------------------------------------------------
 
@@ -661,6 +734,7 @@ class HFEngine(Engine):
 
     def close(self) -> None:
         self._stop_continuous()
+        self.graphed = None  # its buffers and compiled step hold the model
         del self.model
         self.prefix_store.clear()
         gc.collect()

@@ -193,18 +193,33 @@ class BatchLayout:
         input_ids = torch.tensor(ids, device=device)
         attention_mask = torch.tensor(mask, device=device)
         mm_types = torch.tensor(types, device=device)
-        if image_grid_thw is not None:
-            vision, _ = model.model.get_rope_index(
-                input_ids,
-                mm_token_type_ids=mm_types,
-                image_grid_thw=image_grid_thw,
-                attention_mask=attention_mask,
-            )
-        text = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        if image_grid_thw is None:
-            vision = text[None].expand(3, -1, -1)
-        position_ids = torch.cat([text[None], vision], dim=0)
+        position_ids = generation_position_ids(
+            model, input_ids, attention_mask, mm_types, image_grid_thw
+        )
         return cls(input_ids, attention_mask, position_ids, cached_len)
+
+
+def generation_position_ids(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mm_token_type_ids: torch.Tensor | None,
+    image_grid_thw: torch.Tensor | None,
+) -> torch.Tensor:
+    """A batch's positions as Qwen2.5-VL's `generate` builds them (transformers 5.17 and 5.19
+    alike), padding (mask 0) skipped: `[4, rows, len]`, the text positions, then M-RoPE's
+    (t, h, w)."""
+    text = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    if image_grid_thw is None:
+        vision = text[None].expand(3, -1, -1)
+    else:
+        vision, _ = model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask,
+        )
+    return torch.cat([text[None], vision], dim=0)
 
 
 def batch_cache(rows: list[Row], cached_len: int) -> tuple[list, list]:
