@@ -8,9 +8,11 @@ engine-level config allows (a vLLM start-up costs tens of seconds on two cores).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -267,13 +269,29 @@ def test_a_failing_request_leaves_the_async_engine_clean(
 
 
 def test_async_frontend_in_static_batches_with_two_renderer_workers(
-    llm_reference: list[Completion],
+    llm_reference: list[Completion], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # vLLM allows several renderer workers only without its processed-image cache.
     workers = ("engine.renderer_num_workers=2", "engine.mm_processor_cache_gb=0")
     trial = _trial(*ASYNC, *QUESTIONS, "batch_size=4", *workers)
+    engine = _loaded(trial)  # a new engine: no request rendered yet
+    renderer = engine.frontend.llm.renderer
+    render, spans = renderer.render_cmpl_async, []
+
+    async def timed_render(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return await render(*args, **kwargs)
+        finally:
+            spans.append((start, time.perf_counter()))
+
+    monkeypatch.setattr(renderer, "render_cmpl_async", timed_render)
     _assert_like_reference(_completions(trial), llm_reference)
-    engine = _loaded(trial)
+    # The engine's first request is rendered alone (its renderer loads the HF processor then);
+    # the later requests of a batch are rendered concurrently.
+    spans.sort()
+    assert all(spans[0][1] <= start for start, _ in spans[1:]), spans[:3]
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans[1:])), spans
     assert engine.frontend.vllm_config.model_config.renderer_num_workers == 2
     assert engine.tags()["vllm_renderer_num_workers"] == "2"
 

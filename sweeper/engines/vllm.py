@@ -15,7 +15,8 @@ the same tokens:
   path (`render_cmpl_async`, as `vllm serve` takes it: vLLM 0.26 runs the HF processor call on its
   pool of `engine.renderer_num_workers` threads; 0.32 on a single-worker executor of its own),
   then `AsyncLLM.add_request`, then the request's one final output (`FINAL_ONLY`). Requests are
-  submitted as they come, so several are rendered at once while the engine runs the others. When
+  submitted as they come, so several are rendered at once while the engine runs the others (but
+  an engine's first request is rendered alone: it loads vLLM's cached HF processor). When
   a request fails, the run's other requests are cancelled and aborted in the engine, so the next
   trial starts clean.
 
@@ -128,6 +129,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.output_processor import RequestOutputCollector
 
 GIB = 1024**3
 # On CPU vLLM reads gpu_memory_utilization as a share of all RAM and fails to start when other
@@ -277,6 +279,7 @@ class _AsyncFrontend(_Frontend):
         # The tokenization the offline LLM's enqueue uses, so both frontends send the same tokens.
         self._tokenize = self.llm.renderer.default_cmpl_tok_params
         self._request_ids = itertools.count()
+        self._renderer_ready = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="sweeper-vllm-async", daemon=True
@@ -320,7 +323,16 @@ class _AsyncFrontend(_Frontend):
                     if isinstance(entry, Exception):
                         raise entry
                     request_id = str(next(self._request_ids))
-                    task = tasks.create_task(self._generate(entry, params, request_id))
+                    if self._renderer_ready:
+                        task = tasks.create_task(self._generate(entry, params, request_id))
+                    else:
+                        # vLLM loads its HF processor at a renderer's first call (0.26 then
+                        # deep-copies the tokenizer renderer_num_workers + 1 times: ~10 s on a
+                        # 16-core host) and caches it; concurrent first calls would each load
+                        # it, for minutes. So the engine's first request is rendered alone.
+                        collector = await self._submit(entry, params, request_id)
+                        self._renderer_ready = True
+                        task = tasks.create_task(collector.get())
                     submitted.append((entry, request_id, task))
         except Exception:
             # The TaskGroup has cancelled the run's other tasks, but their requests run on in
@@ -334,6 +346,13 @@ class _AsyncFrontend(_Frontend):
     async def _generate(
         self, request: _Request, params: SamplingParams, request_id: str
     ) -> RequestOutput:
+        collector = await self._submit(request, params, request_id)
+        return await collector.get()  # FINAL_ONLY: one output, once the request is done
+
+    async def _submit(
+        self, request: _Request, params: SamplingParams, request_id: str
+    ) -> RequestOutputCollector:
+        """Render the request and hand it to the engine core; its output collector."""
         from vllm.exceptions import VLLMValidationError
         from vllm.renderers.inputs.preprocess import parse_model_prompt
 
@@ -348,7 +367,7 @@ class _AsyncFrontend(_Frontend):
         except VLLMValidationError as error:
             raise _Refused(request, error) from error
         request.handed_over()
-        return await collector.get()  # FINAL_ONLY: one output, once the request is done
+        return collector
 
     def reset_caches(self) -> None:
         self._call(self.llm.reset_prefix_cache())
