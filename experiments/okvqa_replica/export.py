@@ -2,8 +2,9 @@
 
     python experiments/okvqa_replica/export.py --tracking-uri sqlite:///DIR/mlflow.db --out DIR
 
-One row per trial: its phase (the Hydra run/sweep folder), status, overrides, every metric and
-the tags that say what ran where (engine, device, versions, vLLM's memory and KV cache).
+One row per trial, and per run corrected afterwards (its `note` says how): status, overrides,
+every metric and the tags that say what ran where (engine, device, versions, vLLM's memory and
+KV cache).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ TAGS = (
     "random_weights",
     "dataset_note",
     "error",
+    "note",  # a correction made after the run (e.g. marked KILLED: why)
 )
 
 
@@ -46,7 +48,7 @@ def main() -> None:
     rows = []
     for run in sorted(runs, key=lambda r: r.info.start_time):
         tags = run.data.tags
-        if "engine" not in tags and "error" not in tags:
+        if not {"engine", "error", "note"} & tags.keys():
             continue  # a sweep's parent run
         rows.append(
             {
