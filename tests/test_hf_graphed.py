@@ -129,6 +129,29 @@ def test_a_sequence_ending_first_pads_as_in_generate(arch, items, monkeypatch) -
     assert got == expected
 
 
+def test_the_step_launched_after_the_last_is_dropped(tiny, items, monkeypatch) -> None:
+    """The loop launches step i+1 before it reads step i's flag: when every sequence has ended
+    before max_new_tokens, one step ran in vain, and neither its tokens nor its time count."""
+    reference, graphed = tiny
+    inputs, images = reference._inputs(items[:3], GREEDY)
+    expected, _ = reference._decode(inputs, images, GREEDY)
+    launches = []
+    launch = graphed.graphed._launch
+    monkeypatch.setattr(
+        graphed.graphed, "_launch", lambda *args: launches.append(args[-1]) or launch(*args)
+    )
+    inputs, images = graphed._inputs(items[:3], GREEDY)
+    run, _ = graphed._decode(inputs, images, GREEDY)
+    columns = len(run.tokens[0])
+    assert columns < NEW_TOKENS  # the trained model answers in a word, then EOS
+    assert run.tokens == expected.tokens
+    assert len(run.step_times) == columns == len(expected.step_times)
+    assert len(launches) == columns  # tokens 1 .. columns - 1, then one in vain
+    assert launches == [i % 2 for i in range(1, columns + 1)]  # the host flags alternate
+    assert run.prefill_done <= run.step_times[0]
+    assert all(a < b for a, b in zip(run.step_times, run.step_times[1:], strict=False))
+
+
 def test_timings_and_token_counts(tiny, items) -> None:
     reference, graphed = tiny
     expected = reference.generate_batch(items[:3], GREEDY)

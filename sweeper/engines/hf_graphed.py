@@ -7,9 +7,17 @@ attention mask and model kwargs, Qwen2.5-VL's input preparation. Qwen2.5-VL-7B a
 H100 decodes 100 tok/s that way, where reading its weights once per token allows ~212. Here the
 prompt runs once, eagerly, as in `generate`; then each token is one call of a compiled step of
 fixed shapes that reads and writes only buffers kept for its shape (with CUDA graphs,
-`mode="reduce-overhead"`, a replay with nothing to copy in or out). The only host sync per token
-is the clock's, read where `generate`'s is read, so TTFT, TPOT and prefill_s mean what they mean
-with `generate`.
+`mode="reduce-overhead"`, a replay with nothing to copy in or out).
+
+The loop is pipelined, so that the GPU never waits for the host's work between steps (dynamo's
+guards, the CUDA-graph tree's bookkeeping): the host launches step i+1, then waits for step i's
+end (a CUDA event recorded after it) and reads the clock - "sync, then read the clock" for token
+i as `generate`'s clock reads it, on the token's event instead of the whole device, so TTFT, TPOT
+and prefill_s mean what they mean with `generate`. Whether any sequence runs on is copied with
+each step into one of two pinned host flags, read after that wait; so the stop is seen one step
+late, and the step launched in vain is dropped (tokens and time): the tokens and times are those
+of a loop that syncs every token. prefill_done and the first token's time are read after a
+device sync, as before. On the CPU (no events, synchronous) the same loop runs, its waits empty.
 
 It decodes as `generate` does, so that greedy answers are token for token `generate`'s:
 - positions: the prompt's, laid out as `generate` lays them out (`generation_position_ids`:
@@ -32,6 +40,7 @@ request and its KV is copied to each of its sequences.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -89,7 +98,7 @@ class _Buffers:
     seen: torch.Tensor  # (rows, vocab) bool: in the prompt or generated (repetition penalty)
     running: torch.Tensor  # (rows,) bool: no EOS yet
     any_running: torch.Tensor  # ()
-    any_running_host: torch.Tensor  # () pinned: read after the clock's sync, so no sync itself
+    running_host: torch.Tensor  # (2,) pinned: any_running after steps of even / odd index
     noise: torch.Tensor  # (rows, vocab): Exp(1) draws, the sampling's randomness
     is_eos: torch.Tensor  # (vocab,) bool
     # The call's settings, as tensors: another value recompiles nothing.
@@ -158,22 +167,61 @@ class GraphedDecoder:
         prefill_done = self.clock()
         self._draw(buffers, greedy)
         self._advance(buffers, logits, greedy)
-        step_times = [self._tick(buffers)]
-        while len(step_times) < config.max_new_tokens and buffers.any_running_host.item():
-            self._draw(buffers, greedy)
-            torch.compiler.cudagraph_mark_step_begin()  # the last replay's buffers are consumed
-            self.compiled_step(buffers, greedy)
-            step_times.append(self._tick(buffers))
+        step_times = self._steps(buffers, greedy, config.max_new_tokens)
+        # Queued after every launched step (the stream's order): waits for them, a dropped one too.
         tokens = buffers.generated[:, : len(step_times)].tolist()
         return DecodeRun(tokens, prefill_done, step_times)
+
+    def _steps(self, buffers: _Buffers, greedy: bool, max_new_tokens: int) -> list[float]:
+        """The clock after each token, the first one chosen already: step i+1 is launched before
+        step i is waited for; a step launched after the one that ended every sequence is dropped.
+        Token i's flag is in host slot i % 2, so step i+1's copy never overwrites it."""
+        self._mark(buffers, 0)
+        step_times = [self.clock()]  # the first token: a device sync, as at prefill_done
+        if max_new_tokens == 1 or not buffers.running_host[0].item():
+            return step_times
+        marker = self._launch(buffers, greedy, 1)
+        while True:
+            index = len(step_times)  # the token whose step `marker` ends
+            last = index + 1 == max_new_tokens
+            ahead = None if last else self._launch(buffers, greedy, (index + 1) % 2)
+            step_times.append(self._wait(marker))
+            if last or not buffers.running_host[index % 2].item():
+                return step_times  # a step launched ahead was in vain: not counted
+            marker = ahead
+
+    def _launch(self, buffers: _Buffers, greedy: bool, slot: int) -> torch.cuda.Event | None:
+        """Queue one step (the next token), and its marker."""
+        self._draw(buffers, greedy)
+        torch.compiler.cudagraph_mark_step_begin()  # the last replay's buffers are consumed
+        self.compiled_step(buffers, greedy)
+        return self._mark(buffers, slot)
+
+    def _mark(self, buffers: _Buffers, slot: int) -> torch.cuda.Event | None:
+        """After a step: whether any sequence runs on, copied into host slot `slot` without a
+        sync, and the marker of the step's end (None on the CPU, where work is done when queued)."""
+        buffers.running_host[slot].copy_(buffers.any_running, non_blocking=True)
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _wait(self, marker: torch.cuda.Event | None) -> float:
+        """The clock once the marked step (and its flag's copy) is done: on the GPU, its event's
+        sync then `time.perf_counter`, the clock `Engine.now` reads after a device sync."""
+        if marker is None:
+            return self.clock()
+        marker.synchronize()
+        return time.perf_counter()
 
     def _buffers(self, rows: int, cache_len: int) -> _Buffers:
         key = (rows, cache_len)
         if key in self.kept:
             return self.kept[key]
-        host_flag = torch.ones((), dtype=torch.bool)
+        host_flags = torch.ones(2, dtype=torch.bool)
         if self.device.type == "cuda":
-            host_flag = host_flag.pin_memory()
+            host_flags = host_flags.pin_memory()
         with torch.device(self.device):
             buffers = _Buffers(
                 cache=StaticCache(config=self.text_config, max_cache_len=cache_len),
@@ -185,7 +233,7 @@ class GraphedDecoder:
                 seen=torch.zeros(rows, self.vocab, dtype=torch.bool),
                 running=torch.ones(rows, dtype=torch.bool),
                 any_running=torch.ones((), dtype=torch.bool),
-                any_running_host=host_flag,
+                running_host=host_flags,
                 noise=torch.ones(rows, self.vocab),
                 is_eos=torch.zeros(self.vocab, dtype=torch.bool),
                 pad=torch.zeros((), dtype=torch.long),
@@ -309,9 +357,3 @@ class GraphedDecoder:
     def _draw(self, buffers: _Buffers, greedy: bool) -> None:
         if not greedy:
             buffers.noise.exponential_(generator=self.generator)
-
-    def _tick(self, buffers: _Buffers) -> float:
-        """The clock after a step; whether any sequence runs on is copied before the clock's
-        sync, so that reading it after needs none."""
-        buffers.any_running_host.copy_(buffers.any_running, non_blocking=True)
-        return self.clock()
