@@ -22,9 +22,10 @@ an architecture-only folder gets random weights, bf16 on cuda), the replica's fi
 sweeper's OK-VQA loader, its prompt by the engine's processor and chat template; the decode is the
 engine's `_decode` (greedy, ignore_eos: min_new_tokens = max_new_tokens = --tokens, a static cache
 of `static_cache_length(prompt + --tokens)`). Two warm-up decodes per loop (compilation, CUDA
-graph recording), then --runs timed decodes per loop, the loops alternating; every decode's
-tokens must be the first one's (the loop changes the clock, nothing else). The synced loop lives
-here only (`ProbeDecoder`), not in the engine.
+graph recording), then --runs timed decodes per loop, the loops alternating. The synced loop
+lives here only (`ProbeDecoder`), not in the engine. decodes_differing: the decodes whose greedy
+tokens differ from the last one's (random weights leave near ties that nondeterministic kernels
+flip, with either loop).
 
 Per loop, each number the median over the timed runs:
 - ttft_ms: inputs on the device (clock after a device sync) -> prefill_done (sweeper's
@@ -120,6 +121,10 @@ def _one_sample(replica: Path):
     return next(iter(prefetch(samples, 1)))
 
 
+def _first_difference(tokens: list[int], reference: list[int]) -> int:
+    return next(i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b)
+
+
 def _timed_decode(engine: HFEngine, probe: ProbeDecoder, inputs, images, decoding) -> dict:
     start = engine.now()
     run, _ = engine._decode(inputs, images, decoding)
@@ -164,7 +169,11 @@ def _profile(engine: HFEngine, probe: ProbeDecoder, inputs, images, decoding, cu
     start, end, busy = float("inf"), 0.0, 0.0
     for event in profiler.events():
         on_device = event.device_type == torch.autograd.DeviceType.CUDA
-        if cuda != on_device:
+        # Annotations (ProfilerStep#, record_function ranges) are mirrored on the GPU's timeline.
+        annotation = getattr(event, "is_user_annotation", False) or event.name.startswith(
+            "ProfilerStep"
+        )
+        if cuda != on_device or annotation:
             continue
         if cuda:
             spent = event.time_range.elapsed_us()
@@ -246,18 +255,27 @@ def main() -> None:
     print(json.dumps(info), flush=True)
 
     runs: dict[str, list[dict]] = {loop: [] for loop in LOOPS}
-    first: dict[str, list[int]] = {}
+    decoded: list[tuple[int, str, list[int]]] = []  # (run, loop, tokens)
     for index in range(args.warmup + args.runs):
         for loop in LOOPS:
             probe.loop = loop
             result = _timed_decode(engine, probe, inputs, images, decoding)
             assert result["tokens"] == args.tokens, result
-            # The same greedy tokens whichever the loop (and run): the clock is all they change.
-            token_ids = result.pop("token_ids")
-            assert token_ids == first.setdefault("token_ids", token_ids), loop
+            decoded.append((index, loop, result.pop("token_ids")))
             if index >= args.warmup:
                 runs[loop].append(result)
                 print(loop, json.dumps(result), flush=True)
+
+    # Reported, not asserted: on an H100 with random bf16 weights, greedy tokens differ between
+    # decodes of the same prompt with either loop (seen: from token 7 to 69 of 100), the logits'
+    # near ties flipped by nondeterministic kernels; the time per step does not depend on them.
+    reference = decoded[-1][2]
+    info["decodes_differing"] = [
+        f"run {index} {loop}: from token {_first_difference(tokens, reference)}"
+        for index, loop, tokens in decoded
+        if tokens != reference
+    ]
+    print("decodes whose tokens differ from the last one's:", info["decodes_differing"])
 
     summary, profiles = {}, {}
     for loop in LOOPS:
