@@ -17,6 +17,8 @@
 #                hf-batched-compile (batch 16, static + compile) run on their own, as does
 #                hf-b1-graphed / hf-batched-graphed (batch 1 / 16, static + compile,
 #                engine.decode_loop=graphed)
+#   hf-profile   hf_decode_profile.py: the graphed loop's TPOT, pipelined vs synced, top kernels
+#   decode-fusion  decode_fusion_bench.py: merged projections / GQA attention, per token
 #   vllm-bare    bare LLM.generate, vLLM defaults, all 5,046 questions
 #   vllm-default sweeper engine=vllm with vLLM's default settings, all 5,046 questions
 #   vllm-default-no-pc  the same with prefix caching off
@@ -59,9 +61,18 @@ sweep() {  # sweep NAME ARGS...: one sweeper command (a multirun with -m), its l
     local name=$1
     shift
     echo "== $name: python -m sweeper $*"
+    # The GPU's utilization (share of time a kernel runs) and power once a second, beside the
+    # log: how busy a setting keeps the GPU (README.md, "Is the GPU busy?").
+    local sampler=
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw,clocks.sm \
+            --format=csv,noheader -lms 1000 >"$study/logs/smi-$name.csv" &
+        sampler=$!
+    fi
     python3 -m sweeper "$@" "${common[@]}" "hydra.run.dir=$study/hydra/$name" \
         "hydra.sweep.dir=$study/hydra/$name" >"$study/logs/$name.log" 2>&1 \
         || echo "!! $name: exit $? (see logs/$name.log)"
+    [[ -n $sampler ]] && kill "$sampler"
     grep -E '│ (tps|ttft_s|context_load_s|peak_mem_gb|batch_efficiency|accuracy) |trials|best' \
         "$study/logs/$name.log" | tail -40
 }
@@ -117,6 +128,20 @@ phase() {
         sweep hf-batched-compile engine=hf batch_size=16 kv_cache=static engine.compile=true \
             warmup_batches=2 "dataset.limit=$hf_batched_n" "${calibration[@]}"
         ;;
+    hf-profile)
+        # The graphed loop at batch 1 outside a trial: pipelined vs per-token sync, CUDA-event
+        # check of the clock, torch.profiler's top kernels (PROFILE_ARGS: e.g. --override ...).
+        python3 "$here/hf_decode_profile.py" --model "$(model_dir)" --replica "$replica" \
+            --tokens 100 --runs 5 --out "$study/results/decode_profile" ${PROFILE_ARGS:-} \
+            >"$study/logs/hf-profile.log" 2>&1 || echo "!! hf-profile failed"
+        tail -12 "$study/logs/hf-profile.log"
+        ;;
+    decode-fusion)
+        # What merging the decoder's projections (and GQA attention without repeated KV heads)
+        # would save per token at batch 1, on the 7B shapes: no model, a minute.
+        python3 "$here/decode_fusion_bench.py" --out "$study/results/decode_fusion.json" \
+            2>&1 | tee "$study/logs/decode-fusion.log"
+        ;;
     vllm-bare)
         python3 "$here/bare_vllm.py" --model "$(model_dir)" \
             --replica "$replica" --out "$study/results/vllm_bare.json" ${BARE_VLLM_ARGS:-} \
@@ -139,7 +164,7 @@ phase() {
     vllm-async)
         # vLLM's defaults, but requests go through AsyncLLM, whose renderer pool of RENDERERS
         # threads preprocesses images in parallel (it needs the processor cache off).
-        for workers in ${RENDERERS:-8}; do
+        for workers in ${RENDERERS:-2 4}; do
             sweep "vllm-async-$workers" "${vllm_default[@]}" "${async_frontend[@]}" \
                 "engine.renderer_num_workers=$workers" "${calibration[@]}" ${VLLM_ARGS:-}
         done

@@ -326,10 +326,12 @@ class _AsyncFrontend(_Frontend):
                     if self._renderer_ready:
                         task = tasks.create_task(self._generate(entry, params, request_id))
                     else:
-                        # vLLM loads its HF processor at a renderer's first call (0.26 then
-                        # deep-copies the tokenizer renderer_num_workers + 1 times: ~10 s on a
-                        # 16-core host) and caches it; concurrent first calls would each load
-                        # it, for minutes. So the engine's first request is rendered alone.
+                        # vLLM loads its HF processor at a renderer's first call and caches
+                        # it. In 0.26 that load is slow, and slower with more renderer threads:
+                        # transformers deep-copies its kwargs, the pooled tokenizer among them,
+                        # and each copy of the pool rebuilds renderer_num_workers + 1 tokenizer
+                        # copies (minutes at 12 threads on an H100 host). Concurrent first calls
+                        # would each pay it, so the engine's first request is rendered alone.
                         collector = await self._submit(entry, params, request_id)
                         self._renderer_ready = True
                         task = tasks.create_task(collector.get())
