@@ -75,6 +75,9 @@ class HFEngineConfig(EngineConfig):
     # `generate`: transformers' loop. `graphed`: sweeper's own (sweeper/engines/hf_graphed.py),
     # which replays one compiled decoding step without generate's Python work per token.
     decode_loop: str = "generate"
+    # Qwen2.5-VL decoder layers: q/k/v and gate/up projections each as one linear, as vLLM
+    # does (sweeper/engines/hf_fused.py). Part of the engine's cache key.
+    fuse_projections: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -18,6 +18,8 @@ decoding) share the loaded model.
   `graphed` needs kv_cache=static and engine.compile=true; it decodes greedily or by sampling,
   one or num_samples sequences per request, without beam search, prefix caching or continuous
   batching.
+- `engine.fuse_projections`: sweeper/engines/hf_fused.py (Qwen2.5-VL's q/k/v and gate/up
+  projections each as one linear); it changes the model, so it works with either decode loop.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from sweeper.config import KV_CACHE_MODES, ConfigError
 from sweeper.data.base import LoadedSample
 from sweeper.engines.base import Completion, DecodingParams, Engine
+from sweeper.engines.hf_fused import fuse_projections
 from sweeper.engines.hf_graphed import DecodeRun, GraphedDecoder
 from sweeper.engines.hf_prefix import (
     BatchLayout,
@@ -265,6 +268,8 @@ class HFEngine(Engine):
             # from_config derives one from the model config; the folder's own (EOS list) wins.
             self.model.generation_config = GenerationConfig.from_pretrained(model_path)
         self.model.eval()
+        if engine_cfg.fuse_projections:  # before compilation: the compiled step is the fused one
+            fuse_projections(self.model)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.processor.tokenizer.pad_token_id
