@@ -5,7 +5,7 @@ compiled step, the same prompt.
     python experiments/okvqa_replica/hf_decode_profile.py \\
         --model ~/okvqa_study/models/qwen2_5_vl_7b_arch-<fingerprint> \\
         --replica ~/okvqa_study/replica --tokens 100 --runs 5 \\
-        --out ~/okvqa_study/results/decode_profile
+        --out ~/okvqa_study/results/decode_profile [--override engine.fuse_projections=true]
 
 (the folders gpu_study.sh's `setup` phase builds). CPU smoke check, with a shrunk architecture
 (the tests' shapes) and a replica of small images:
@@ -18,14 +18,15 @@ compiled step, the same prompt.
         --replica /tmp/small_replica --tokens 16 --runs 2 --out /tmp/decode_profile
 
 The model is loaded by sweeper's own engine=hf (engine.compile=true, engine.decode_loop=graphed:
-an architecture-only folder gets random weights, bf16 on cuda), the replica's first question by
-sweeper's OK-VQA loader, its prompt by the engine's processor and chat template; the decode is the
-engine's `_decode` (greedy, ignore_eos: min_new_tokens = max_new_tokens = --tokens, a static cache
-of `static_cache_length(prompt + --tokens)`). Two warm-up decodes per loop (compilation, CUDA
-graph recording), then --runs timed decodes per loop, the loops alternating. The synced loop
-lives here only (`ProbeDecoder`), not in the engine. decodes_differing: the decodes whose greedy
-tokens differ from the last one's (random weights leave near ties that nondeterministic kernels
-flip, with either loop).
+an architecture-only folder gets random weights, bf16 on cuda; `--override engine.KEY=VALUE`,
+repeatable, sets another engine key in the trial config it is built from, and is recorded), the
+replica's first question by sweeper's OK-VQA loader, its prompt by the engine's processor and chat
+template; the decode is the engine's `_decode` (greedy, ignore_eos: min_new_tokens =
+max_new_tokens = --tokens, a static cache of `static_cache_length(prompt + --tokens)`). Two
+warm-up decodes per loop (compilation, CUDA graph recording), then --runs timed decodes per loop,
+the loops alternating. The synced loop lives here only (`ProbeDecoder`), not in the engine.
+decodes_differing: the decodes whose greedy tokens differ from the last one's (random weights
+leave near ties that nondeterministic kernels flip, with either loop).
 
 Per loop, each number the median over the timed runs:
 - ttft_ms: inputs on the device (clock after a device sync) -> prefill_done (sweeper's
@@ -59,8 +60,10 @@ from typing import Any
 
 import torch
 import transformers
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
-from sweeper.config import HFEngineConfig, OKVQAConfig
+from sweeper.config import OKVQAConfig, TrialConfig, register_configs
 from sweeper.data import load_samples, prefetch
 from sweeper.data.okvqa import ANNOTATIONS_FILE, IMAGE_DIR, QUESTIONS_FILE
 from sweeper.engines.base import DecodingParams
@@ -203,6 +206,15 @@ def _profile(engine: HFEngine, probe: ProbeDecoder, inputs, images, decoding, cu
     }
 
 
+def _trial(device: str, overrides: list[str]) -> TrialConfig:
+    """The trial config the engine is built from: engine=hf, the graphed loop, and `overrides`."""
+    register_configs()
+    fixed = [f"engine.device={device}", "engine.compile=true", "engine.decode_loop=graphed"]
+    with initialize_config_module("sweeper.conf", version_base=None):
+        config = compose("config", overrides=["engine=hf", "kv_cache=static", *fixed, *overrides])
+    return OmegaConf.to_object(config)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="model folder")
@@ -212,14 +224,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed decodes per loop")
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="engine.KEY=VALUE",
+        help="an engine key of the trial config (repeatable), e.g. engine.fuse_projections=true",
+    )
     args = parser.parse_args()
+    for override in args.override:  # the decoding is this script's: only engine keys apply
+        if not override.startswith("engine."):
+            parser.error(f"--override {override}: only engine.KEY=VALUE is used here")
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = args.device.startswith("cuda")
 
-    engine = HFEngine(
-        HFEngineConfig(device=args.device, compile=True, decode_loop="graphed"),
-        str(args.model.expanduser()),
-    )
+    trial = _trial(args.device, args.override)
+    engine = HFEngine(trial.engine, str(args.model.expanduser()))
     probe = ProbeDecoder(engine.model, engine.compile_config.mode, engine.now)
     engine.graphed = probe  # engine._decode now decodes with the probe
     decoding = DecodingParams(
@@ -239,8 +259,14 @@ def main() -> None:
     prompt_tokens = inputs["input_ids"].shape[1]
     # What each step reads at least: every weight but the vision tower's.
     weights = [p for name, p in engine.model.named_parameters() if ".visual." not in f".{name}"]
+    options = [
+        f"--{key} {value}"
+        for key, values in vars(args).items()
+        for value in (values if isinstance(values, list) else [values])
+    ]
     info = {
-        "command": f"hf_decode_profile.py {' '.join(f'--{k} {v}' for k, v in vars(args).items())}",
+        "command": f"hf_decode_profile.py {' '.join(options)}",
+        "overrides": args.override,
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
