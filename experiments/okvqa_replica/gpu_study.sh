@@ -112,8 +112,9 @@ phase() {
         # The step compiles (and records its CUDA graph) once per cache length: prompt + 100
         # tokens rounded up to a power of two. A length first met after the warm-up batches is
         # compiled inside the measured run, and timed with it.
+        # HF_ARGS: more overrides, e.g. engine.fuse_projections=true.
         sweep hf-b1-graphed engine=hf engine.compile=true kv_cache=static engine.decode_loop=graphed \
-            batch_size=1 warmup_batches=3 "dataset.limit=$hf_n"
+            batch_size=1 warmup_batches=3 "dataset.limit=$hf_n" ${HF_ARGS:-}
         ;;
     hf-batched-graphed)
         sweep hf-batched-graphed engine=hf engine.compile=true kv_cache=static \
