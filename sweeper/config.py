@@ -98,6 +98,8 @@ class HFEngineConfig(EngineConfig):
 
 
 VLLM_LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
+# The KV cache element types vLLM 0.26 and 0.32 both take for any model (auto: the model's dtype).
+VLLM_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 VLLM_FRONTENDS = ("llm", "async")
 
 
@@ -126,6 +128,9 @@ class VLLMEngineConfig(EngineConfig):
     mm_tensor_ipc: str | None = None  # direct_rpc | torch_shm: how pixel tensors reach the core
     async_scheduling: bool | None = None
     renderer_num_workers: int | None = None  # null: vLLM's default (1)
+    # The KV cache's element type (null: vLLM's "auto", the model's dtype). fp8 halves the bytes
+    # decode attention reads per cached token, and doubles the tokens the cache holds.
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -177,6 +182,8 @@ class VLLMEngineConfig(EngineConfig):
             )
         if self.renderer_num_workers is not None:
             self._check_renderer_num_workers()
+        if self.kv_cache_dtype is not None:
+            _check_choice("engine.kv_cache_dtype", self.kv_cache_dtype, VLLM_KV_CACHE_DTYPES)
 
     def _check_renderer_num_workers(self) -> None:
         key, value = "engine.renderer_num_workers", self.renderer_num_workers

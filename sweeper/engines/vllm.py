@@ -147,12 +147,13 @@ _T = TypeVar("_T")
 
 # Engine keys passed to vLLM only when set, so that vLLM's own defaults (which vary by release)
 # apply otherwise.
-FRONTEND_KEYS = (
+SET_ONLY_KEYS = (
     "mm_processor_cache_gb",
     "mm_processor_cache_type",
     "mm_tensor_ipc",
     "async_scheduling",
     "renderer_num_workers",
+    "kv_cache_dtype",
 )
 
 
@@ -550,7 +551,7 @@ class VLLMEngine(Engine):
             "limit_mm_per_prompt": {"image": 1, "video": 0},
             # Per-request RequestStateStats and the Prometheus metrics need it.
             "disable_log_stats": False,
-            **_set_only(engine_cfg, FRONTEND_KEYS),
+            **_set_only(engine_cfg, SET_ONLY_KEYS),
         }
         self.frontend = FRONTENDS[engine_cfg.frontend](engine_args)
         self.max_model_len = self.frontend.vllm_config.model_config.max_model_len
@@ -580,6 +581,7 @@ class VLLMEngine(Engine):
             "vllm_load_format": self.load_format,
             "vllm_memory": self.memory_note,
             "vllm_kv_cache_tokens": str((cache.num_gpu_blocks or 0) * cache.block_size),
+            "vllm_kv_cache_dtype": cache.cache_dtype,
         }
 
     def _counters(self) -> dict[str, float]:
