@@ -29,8 +29,9 @@ decodes_differing: the decodes whose greedy tokens differ from the last one's (r
 leave near ties that nondeterministic kernels flip, with either loop).
 
 Per loop, each number the median over the timed runs:
-- ttft_ms: inputs on the device (clock after a device sync) -> prefill_done (sweeper's
-  prefill_s: the prompt's forward pass, images included);
+- prefill_ms: inputs on the device (clock after a device sync) -> prefill_done (sweeper's
+  prefill_s: the prompt's forward pass, images included; not TTFT, which also counts the
+  processor call). The fourth session's JSONs in results/decode_profile/ call it ttft_ms;
 - tpot_ms: (last token's time - first token's) / (tokens - 1), the tokens' times as the loop
   reads them (its own clock: after the token's event on the pipelined loop, after a device sync
   on the synced one); decode_tok_s = 1000 / tpot_ms;
@@ -137,7 +138,7 @@ def _timed_decode(engine: HFEngine, probe: ProbeDecoder, inputs, images, decodin
     result = {
         "tokens": n,
         "token_ids": run.tokens[0],
-        "ttft_ms": 1e3 * (run.prefill_done - start),
+        "prefill_ms": 1e3 * (run.prefill_done - start),
         "tpot_ms": 1e3 * tpot,
         "decode_tok_s": 1 / tpot,
         "host_step_ms_median": 1e3
@@ -323,13 +324,13 @@ def main() -> None:
     for row in profiles["pipelined"]["top"]:
         print(f"{row['total_ms']:9.3f} {row['percent']:6.2f} {row['calls']:6d}  {row['name'][:90]}")
     print(f"\n{info['prompt_tokens']} prompt tokens, {args.tokens} new, {args.runs} runs (median)")
-    header = ["loop", "ttft_ms", "tpot_ms", "tok_s", "gpu_step_ms", "gpu_vs_host", "gpu_busy"]
+    header = ["loop", "prefill_ms", "tpot_ms", "tok_s", "gpu_step_ms", "gpu_vs_host", "gpu_busy"]
     print(" ".join(f"{h:>11}" for h in header))
     for loop in LOOPS:
         s, busy = summary[loop], profiles[loop]["gpu_busy"]
         cells = [
             loop,
-            f"{s['ttft_ms']:.2f}",
+            f"{s['prefill_ms']:.2f}",
             f"{s['tpot_ms']:.3f}",
             f"{s['decode_tok_s']:.1f}",
             f"{s['gpu_step_ms']:.3f}" if "gpu_step_ms" in s else "-",
