@@ -63,6 +63,10 @@ class EngineConfig:
         _check_choice("engine.dtype", self.dtype, DTYPES)
 
 
+# sdpa_gqa: sdpa with the KV heads shared inside the kernel (sweeper/engines/hf_attention.py).
+ATTN_IMPLEMENTATIONS = ("sdpa", "sdpa_gqa", "eager")
+
+
 @dataclass
 class HFEngineConfig(EngineConfig):
     name: str = "hf"
@@ -81,7 +85,7 @@ class HFEngineConfig(EngineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("engine.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _check_choice("engine.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _check_choice("engine.decode_loop", self.decode_loop, DECODE_LOOPS)
         _check(
             self.compile or self.decode_loop != "graphed",

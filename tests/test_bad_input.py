@@ -26,6 +26,7 @@ from tests.conftest import run_cli
         ("engine.device=tpu", "engine.device", "one of auto, cpu, cuda"),
         ("continuous_batching=true", "continuous_batching", "false with images"),
         ("engine.decode_loop=eager", "engine.decode_loop", "one of generate, graphed"),
+        ("engine.attn_implementation=flash", "engine.attn_implementation", "sdpa, sdpa_gqa, eager"),
     ],
 )
 def test_out_of_range_values(override: str, key: str, allowed: str) -> None:
@@ -90,6 +91,16 @@ def test_graphed_decode_loop_needs_its_combination(overrides, key, allowed) -> N
 
 def test_graphed_decode_loop_with_its_combination_is_accepted() -> None:
     preflight([*GRAPHED, "temperature=0.7", "num_samples=3"])
+
+
+def test_sdpa_gqa_is_refused_with_continuous_batching() -> None:
+    overrides = ["continuous_batching=true", "workload.images=false"]
+    preflight(overrides)
+    with pytest.raises(BadInput) as error:
+        preflight([*overrides, "engine.attn_implementation=sdpa_gqa"])
+    message = str(error.value)
+    assert "\n" not in message and "'engine.attn_implementation': 'sdpa_gqa'" in message, message
+    assert "sdpa or eager with continuous_batching=true" in message
 
 
 def test_unknown_key_lists_known_keys() -> None:

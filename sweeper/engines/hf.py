@@ -20,6 +20,8 @@ decoding) share the loaded model.
   batching.
 - `engine.fuse_projections`: sweeper/engines/hf_fused.py (Qwen2.5-VL's q/k/v and gate/up
   projections each as one linear); it changes the model, so it works with either decode loop.
+- `engine.attn_implementation=sdpa_gqa`: sweeper/engines/hf_attention.py (SDPA sharing the KV
+  heads inside the kernel, not copying them per query head); any decode loop.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from sweeper.config import KV_CACHE_MODES, ConfigError
 from sweeper.data.base import LoadedSample
 from sweeper.engines.base import Completion, DecodingParams, Engine
+from sweeper.engines.hf_attention import SDPA_GQA, register_sdpa_gqa
 from sweeper.engines.hf_fused import fuse_projections
 from sweeper.engines.hf_graphed import DecodeRun, GraphedDecoder
 from sweeper.engines.hf_prefix import (
@@ -215,6 +218,12 @@ class HFEngine(Engine):
                 kv_cache,
                 "dynamic with continuous_batching=true (it runs on its own paged cache)",
             ),
+            (
+                trial.continuous_batching and trial.engine.attn_implementation == SDPA_GQA,
+                "engine.attn_implementation",
+                trial.engine.attn_implementation,
+                "sdpa or eager with continuous_batching=true (it swaps in its own paged attention)",
+            ),
         ]
         if trial.engine.decode_loop == "graphed":
             refusals = [
@@ -255,6 +264,8 @@ class HFEngine(Engine):
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.processor.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         attention = engine_cfg.attn_implementation
+        if attention == SDPA_GQA:
+            register_sdpa_gqa()
         if has_weights(model_path):
             self.model = AutoModelForImageTextToText.from_pretrained(
                 model_path, dtype=dtype, attn_implementation=attention
