@@ -1,4 +1,5 @@
-"""Shared test helpers: run the real CLI in a subprocess against a throwaway MLflow store."""
+"""Shared test helpers: run the real CLI in a subprocess against a throwaway MLflow store; a
+padded batch of easy-VQA questions."""
 
 from __future__ import annotations
 
@@ -73,3 +74,15 @@ def store(tmp_path: Path) -> dict[str, str]:
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
     }
+
+
+@pytest.fixture(scope="session")
+def items() -> list:
+    """easy-VQA questions of 4, 6, 8 and 5 words, images loaded: the first three make a
+    left-padded batch, which gives every decoder layer an attention mask."""
+    from sweeper.config import EasyVQAConfig
+    from sweeper.data import load_samples, prefetch
+
+    samples, _ = load_samples(EasyVQAConfig(limit=30))
+    by_words = {len(sample.question.split()): sample for sample in samples}
+    return list(prefetch([by_words[words] for words in (4, 6, 8, 5)], 4))

@@ -13,8 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from sweeper.config import ConfigError, EasyVQAConfig, HFEngineConfig, ModelConfig, asset_path
-from sweeper.data import LoadedSample, load_samples, prefetch
+from sweeper.config import ConfigError, HFEngineConfig, ModelConfig, asset_path
 from sweeper.engines import EngineCache
 from sweeper.engines.hf import HFEngine
 from sweeper.engines.hf_fused import FusedGateUpMLP, FusedQKVAttention, fuse_projections
@@ -53,14 +52,6 @@ def arch(tmp_path_factory):
     reference, engine = _fused_pair(str(folder))
     yield reference, engine
     engine.close()
-
-
-@pytest.fixture(scope="module")
-def items() -> list[LoadedSample]:
-    """tests/test_hf_graphed.py's: questions of 4, 6 and 8 words, a left-padded batch."""
-    samples, _ = load_samples(EasyVQAConfig(limit=30))
-    by_words = {len(sample.question.split()): sample for sample in samples}
-    return list(prefetch([by_words[words] for words in (4, 6, 8)], 3))
 
 
 @pytest.mark.parametrize("model", ["tiny", "arch"])

@@ -20,13 +20,12 @@ from omegaconf import OmegaConf
 
 from sweeper.config import (
     ConfigError,
-    EasyVQAConfig,
     HFEngineConfig,
     TrialConfig,
     asset_path,
     register_configs,
 )
-from sweeper.data import LoadedSample, load_samples, prefetch
+from sweeper.data import LoadedSample
 from sweeper.engines.base import DecodingParams
 from sweeper.engines.hf import HFEngine
 from sweeper.metrics import HEADLINE_METRICS
@@ -78,14 +77,6 @@ def arch(tmp_path_factory):
     yield engines
     for engine in engines:
         engine.close()
-
-
-@pytest.fixture(scope="module")
-def items() -> list[LoadedSample]:
-    """Questions of 4, 6, 8 and 5 words: the first three make a left-padded batch."""
-    samples, _ = load_samples(EasyVQAConfig(limit=30))
-    by_words = {len(sample.question.split()): sample for sample in samples}
-    return list(prefetch([by_words[words] for words in (4, 6, 8, 5)], 4))
 
 
 def _tokens(
