@@ -88,6 +88,19 @@ def _tokens(
     return run.tokens, inputs["attention_mask"].sum(dim=1).tolist()
 
 
+def assert_same_tokens(engines: list[HFEngine], items: list[LoadedSample]) -> None:
+    """The second engine's greedy tokens are the first's, ending at EOS or not; both closed."""
+    try:
+        for ignore_eos in (False, True):
+            decoding = replace(GREEDY, ignore_eos=ignore_eos)
+            expected, _ = _tokens(engines[0], items, decoding)
+            got, _ = _tokens(engines[1], items, decoding)
+            assert got == expected, ignore_eos
+    finally:
+        for engine in engines:
+            engine.close()
+
+
 # The random architecture on the left-padded batch only: another shape is another compile.
 @pytest.mark.parametrize(("model", "rows"), [("tiny", 1), ("tiny", 3), ("arch", 3)])
 def test_greedy_tokens_are_generates(model, rows, request, items) -> None:
