@@ -2,12 +2,14 @@
 KV heads are shared by their query heads inside the kernel (SDPA's `enable_gqa`) instead of
 being copied out to one per query head first (`repeat_kv`).
 
-transformers 5.17-5.19 pass `enable_gqa` on CUDA only when there is no attention mask, and a
-padded batch or a static cache always brings one, so every decode step of Qwen2.5-VL-7B (28 query
-heads on 4 KV heads) writes 7 copies of each layer's keys and values. On an H100 the 28 layers'
-attention over a 1,024-slot cache took 0.951 ms per token with the copies and 0.357 ms with
-`enable_gqa` (experiments/okvqa_replica/results/decode_fusion.json). The masks are transformers'
-SDPA masks, so the attention is the same; tests/test_hf_attention.py checks it.
+transformers 5.19 (`use_gqa_in_sdpa`) passes `enable_gqa` on CUDA only when there is no
+attention mask, and a padded batch or a static cache always brings one, so every decode step of
+Qwen2.5-VL-7B (28 query heads on 4 KV heads) first copies each layer's keys and values 7 times.
+On an H100, run eagerly, the 28 layers' attention over a 1,024-slot cache took 0.951 ms per token
+with the copies and 0.357 ms with `enable_gqa` (experiments/okvqa_replica/results/
+decode_fusion.json); in the compiled decode step, attention's kernels take ~0.42 ms in all, the
+most this can save there (not measured yet). The masks are transformers' SDPA masks, so the
+attention is the same; tests/test_hf_attention.py checks it.
 """
 
 from __future__ import annotations
