@@ -95,6 +95,9 @@ def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
     if isinstance(cause, ConfigKeyError | ConfigAttributeError):
         return f"unknown key '{key}' (value '{value}'); known keys here: {_known_keys(base, key)}"
     if isinstance(cause, ValidationError):
+        choices = re.search(r"expected one of \[([^\]]*)\]", str(cause))
+        if choices:
+            return f"invalid value for '{key}': '{value}' (allowed: one of {choices.group(1)})"
         expected = re.search(r"converted to (\w+)", str(cause))
         kind = expected.group(1).lower() if expected else "the declared type"
         return f"invalid value for '{key}': '{value}' (allowed: a value of type {kind})"

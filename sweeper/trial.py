@@ -1,4 +1,4 @@
-"""One trial: load (or reuse) the engine, stream the dataset, measure, score.
+"""One trial: load (or reuse) the engine, stream the task's samples as requests, measure, score.
 
 Order of work, so that what is measured means what it says:
 1. warm-up: `warmup_batches` batches, never counted;
@@ -6,7 +6,7 @@ Order of work, so that what is measured means what it says:
    then one at a time, for `batch_efficiency`; each pass is timed after an untimed one over
    the same slice (a new batch shape may compile);
 3. the measured run over all N samples, whose per-request timings and wall time give the
-   performance metrics and whose answers give the accuracy.
+   performance metrics and whose answers the task scores.
 Peak memory is sampled throughout (it is a peak: warm-up does not inflate it beyond the run).
 """
 
@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from sweeper.config import TrialConfig
-from sweeper.data import DataError, LoadedSample, VQASample, load_samples, prefetch
-from sweeper.engines import ENGINE_CACHE, Completion, DecodingParams, Engine, engine_class
-from sweeper.metrics import exact_match, majority_vote, normalize_answer, vqa_accuracy
+from sweeper.config import ConfigError, TrialConfig
+from sweeper.data import DataError, LoadedSample, Sample, prefetch
+from sweeper.engines import ENGINE_CACHE, Engine
 from sweeper.metrics.memory import PeakMemoryTracker
 from sweeper.metrics.performance import batch_efficiency, summarize
-from sweeper.prompt import extract_answer
+from sweeper.models import resolve_model_path
+from sweeper.models.info import ModelInfo, model_info
+from sweeper.requests import DecodingParams, ServingParams
+from sweeper.tasks import task_class
 from sweeper.workloads import Workload, build_workload
 
 
@@ -37,25 +39,36 @@ class TrialResult:
     skipped: list[dict[str, str]] = field(default_factory=list)  # under dataset.on_error=skip
 
 
-def check_trial(trial: TrialConfig) -> None:
-    """Everything that can be refused without loading a model."""
-    engine_class(trial.engine.name).check_supported(trial)
+def check_trial(trial: TrialConfig) -> ModelInfo:
+    """Everything that can be refused without loading a model; the model's info."""
+    from sweeper.engines.toolkit.chat import chat_prompts
 
-
-def _answer(completion: Completion) -> str:
-    predictions = [extract_answer(text) for text in completion.texts]
-    return majority_vote(predictions) if len(predictions) > 1 else normalize_answer(predictions[0])
+    model = model_info(resolve_model_path(trial.model))
+    if task_class(trial.dataset).takes_images and trial.workload.images and not model.takes_images:
+        raise ConfigError(
+            "dataset",
+            trial.dataset.name,
+            f"a text task (dataset=easy_vqa_text, text_jsonl) or workload.images=false: model "
+            f"type {model.model_type!r} takes no images",
+        )
+    trial.engine.check(trial, model)
+    chat_prompts(model, trial.model.chat_template)  # refuses a model without a chat template
+    return model
 
 
 def _requests_per_s(
-    workload: Workload, engine: Engine, items: list[LoadedSample], decoding, batch_size: int
+    workload: Workload,
+    engine: Engine,
+    items: list[LoadedSample],
+    decoding: DecodingParams,
+    serving: ServingParams,
 ) -> float:
     # An untimed pass first: a batch shape's first call may compile or capture graphs, which
     # the measured run (after warm-up at batch_size) never pays.
-    workload.run(engine, items, decoding, batch_size)
+    workload.run(engine, items, decoding, serving)
     engine.reset_prefix_cache()  # each timed pass over the slice starts cold, as the other did
     start = engine.now()
-    workload.run(engine, items, decoding, batch_size)
+    workload.run(engine, items, decoding, serving)
     return len(items) / (engine.now() - start)
 
 
@@ -83,34 +96,36 @@ def _device_tags(device: str) -> dict[str, str]:
 
 
 def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = None) -> TrialResult:
-    """Measure one trial; `progress(done, total)` is told after each measured batch."""
-    check_trial(trial)
-    samples, data_report = load_samples(trial.dataset)
-    options = engine_class(trial.engine.name).load_options(trial)
-    loaded = ENGINE_CACHE.get(trial.engine, trial.model, options)
+    """Measure one trial; `progress(done, total)` is told as measured requests are answered."""
+    model = check_trial(trial)
+    task = task_class(trial.dataset)(trial.dataset)
+    samples, data_report = task.load()
+    loaded = ENGINE_CACHE.get(trial.engine, trial.model, trial.engine.load_options(trial))
     engine = loaded.engine
     decoding = DecodingParams.from_trial(trial)
-    workload = build_workload(trial, engine)
+    serving = ServingParams.from_trial(trial)
+    workload = build_workload(trial, task, engine)
     samples = workload.arrange(samples)
     depth = max(trial.dataset.prefetch, trial.batch_size)
 
     with PeakMemoryTracker(engine.device) as memory:
         warmup = samples[: trial.batch_size * trial.warmup_batches]
-        workload.run(engine, prefetch(warmup, depth, data_report), decoding, trial.batch_size)
+        workload.run(engine, prefetch(warmup, depth, data_report), decoding, serving)
 
         efficiency = {"batch_efficiency": 1.0, "batch_speedup": 1.0}  # exact for batch_size 1
         if trial.batch_size > 1:
             calibration = list(prefetch(samples[: trial.calibration_samples], depth, data_report))
-            batched = _requests_per_s(workload, engine, calibration, decoding, trial.batch_size)
-            single = _requests_per_s(workload, engine, calibration, decoding, 1)
+            batched = _requests_per_s(workload, engine, calibration, decoding, serving)
+            one = replace(serving, batch_size=1)
+            single = _requests_per_s(workload, engine, calibration, decoding, one)
             efficiency = batch_efficiency(batched, single, min(trial.batch_size, len(calibration)))
 
         torch.manual_seed(trial.seed)
         done = 0
 
-        def on_batch(size: int) -> None:
+        def on_done(count: int) -> None:
             nonlocal done
-            done += size
+            done += count
             if progress is not None:
                 progress(done, len(samples))
 
@@ -118,7 +133,7 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
         with engine.own_metrics() as own_metrics:
             start = engine.now()
             measured = prefetch(samples, depth, data_report)
-            completions = workload.run(engine, measured, decoding, trial.batch_size, on_batch)
+            completions = workload.run(engine, measured, decoding, serving, on_done)
             generation_s = engine.now() - start
     if not completions:
         raise DataError(f"dataset '{trial.dataset.name}': no image could be decoded")
@@ -134,32 +149,18 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
     if loaded.load_s is not None:
         metrics["model_load_s"] = loaded.load_s
 
-    predictions = []
     # By id: a sample whose image fails to decode (on_error=skip) has no completion.
-    by_id: dict[str, VQASample] = {sample.question_id: sample for sample in samples}
-    for completion in completions:
-        sample = by_id[completion.question_id]
-        answer = _answer(completion)
-        predictions.append(
-            {
-                "question_id": sample.question_id,
-                "question": sample.question,
-                "prediction": answer,
-                "answers": sample.answers,
-                "score": vqa_accuracy(answer, sample.answers),
-                "exact_match": exact_match(answer, sample.answers),
-                "ttft_s": completion.timing.ttft_s,
-                "output_tokens": completion.timing.output_tokens,
-            }
-        )
-    metrics["accuracy"] = sum(p["score"] for p in predictions) / len(predictions)
-    metrics["exact_match"] = sum(p["exact_match"] for p in predictions) / len(predictions)
+    by_id: dict[str, Sample] = {sample.question_id: sample for sample in samples}
+    predictions = [task.record(by_id[c.request_id], c) for c in completions]
+    metrics.update(task.aggregate(predictions))
     metrics["num_samples_measured"] = float(len(completions))
     metrics["skipped_samples"] = float(len(data_report.skipped))
 
     tags = {
         "engine": trial.engine.name,
         "model": trial.model.name,
+        "model_type": model.model_type,
+        "chat_template": engine.chat.template_source,
         "device": engine.device,
         "peak_mem_source": report.source,
         "engine_cache": "hit" if loaded.cache_hit else "miss",

@@ -1,9 +1,10 @@
-"""The sample every dataset yields and the engines consume."""
+"""The sample every dataset yields, and what loading it may find wrong. A task turns samples
+into requests (sweeper/tasks/)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,29 +17,27 @@ IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionB
 
 
 @dataclass
-class VQASample:
-    """One question about one image. The image is loaded only when `load_image` is called."""
+class Sample:
+    """One question (about one image, or text alone) and its reference answers. The image is
+    loaded only when `load_image` is called."""
 
     question_id: str
     question: str
     answers: list[str]
-    image_loader: Callable[[], Image.Image] = field(repr=False)
+    image_loader: Callable[[], Image.Image] | None = field(default=None, repr=False)
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def load_image(self) -> Image.Image:
-        return self.image_loader().convert("RGB")
+    def load_image(self) -> Image.Image | None:
+        return None if self.image_loader is None else self.image_loader().convert("RGB")
 
 
 @dataclass
 class LoadedSample:
-    """A sample whose image has been decoded; `decode_s` is the time that took."""
+    """A sample whose image (if any) has been decoded; `decode_s` is the time that took."""
 
-    sample: VQASample
-    image: Image.Image
+    sample: Sample
+    image: Image.Image | None
     decode_s: float
-    # The chat messages to send, set by the trial's workload (sweeper/workloads.py); None: the
-    # plain VQA prompt. The image is sent iff the messages hold an image part.
-    messages: list[dict] | None = None
 
 
 class DataError(ValueError):
@@ -106,18 +105,20 @@ class FileImage(LazyImage):
         return self.path
 
 
-def image_source(sample: VQASample) -> str:
+def image_source(sample: Sample) -> str:
     loader = sample.image_loader
+    if loader is None:
+        return "text"
     return str(loader) if isinstance(loader, LazyImage) else "image"
 
 
-def reject_image(sample: VQASample, problem: str, error: BaseException, report: LoadReport) -> None:
+def reject_image(sample: Sample, problem: str, error: BaseException, report: LoadReport) -> None:
     """Hand a sample whose image failed to `report` (which raises under policy raise)."""
     detail = f"{type(error).__name__}: {error}".replace("\n", " ")
     report.reject(sample.question_id, image_source(sample), f"{problem} ({detail})")
 
 
-def probe_images(samples: Iterable[VQASample], report: LoadReport) -> list[VQASample]:
+def probe_images(samples: Iterable[Sample], report: LoadReport) -> list[Sample]:
     """The samples whose image source exists and has a readable header; the rest go to `report`.
 
     Only headers are read (a few KB each, no pixels decoded), so this is cheap enough to run on
@@ -136,7 +137,7 @@ def probe_images(samples: Iterable[VQASample], report: LoadReport) -> list[VQASa
     return kept
 
 
-def select(samples: Iterable[VQASample], limit: int | None, seed: int | None) -> list[VQASample]:
+def select(samples: Iterable[Sample], limit: int | None, seed: int | None) -> list[Sample]:
     """The first `limit` samples, after a seeded shuffle when `seed` is set."""
     import random
 
@@ -152,12 +153,3 @@ def select(samples: Iterable[VQASample], limit: int | None, seed: int | None) ->
 
 def image_file_loader(path: str) -> Callable[[], Image.Image]:
     return FileImage(path)
-
-
-def chunks(items: Iterable, size: int) -> Iterator[list]:
-    """Consecutive lists of `size` items (the last may be shorter), pulled lazily."""
-    from itertools import islice
-
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
-        yield batch

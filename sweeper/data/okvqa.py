@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeper.data.base import DataError, FileImage, LazyImage, LoadReport, VQASample
+from sweeper.data.base import DataError, FileImage, LazyImage, LoadReport, Sample
 
 QUESTIONS_FILE = "OpenEnded_mscoco_val2014_questions.json"
 ANNOTATIONS_FILE = "mscoco_val2014_annotations.json"
@@ -67,10 +67,10 @@ def _problem(record: Record, first_seen: dict[str, str]) -> tuple[str, str] | No
 
 def build_samples(
     records: Iterable[Record], question_types: list[str] | None, report: LoadReport, source: str
-) -> list[VQASample]:
+) -> list[Sample]:
     """Check every record (bad ones go to `report`), then keep the asked question types."""
     first_seen: dict[str, str] = {}
-    samples: list[VQASample] = []
+    samples: list[Sample] = []
     for record in records:
         problem = _problem(record, first_seen)
         if problem is not None:
@@ -78,7 +78,7 @@ def build_samples(
             continue
         first_seen[record.question_id] = record.where
         samples.append(
-            VQASample(
+            Sample(
                 record.question_id,
                 record.question,
                 record.answers,
@@ -182,7 +182,7 @@ def _records(cfg: Any, report: LoadReport) -> Iterator[Record]:
             report.reject(question_id, annotations_file, f"no question in {questions_file}")
 
 
-def load_okvqa(cfg: Any, report: LoadReport) -> list[VQASample]:
+def load_okvqa(cfg: Any, report: LoadReport) -> list[Sample]:
     """Every good sample of the official files, in questions-file order, images unopened."""
     if (Path(cfg.questions_file).expanduser().parent / REPLICA_MARKER).exists():
         report.tags["dataset_note"] = REPLICA_NOTE

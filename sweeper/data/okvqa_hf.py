@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 
-from sweeper.data.base import DataError, LazyImage, LoadReport, VQASample
+from sweeper.data.base import DataError, LazyImage, LoadReport, Sample
 from sweeper.data.okvqa import Record, build_samples
 
 COLUMNS = ("question_id", "image", "question", "answers", "question_type", "answer_type")
@@ -146,7 +146,7 @@ def _open(cfg: Any) -> tuple[Any, Callable[[int], str]]:
     return dataset, lambda index: f"{name} row {index}"
 
 
-def load_okvqa_hf(cfg: Any, report: LoadReport) -> list[VQASample]:
+def load_okvqa_hf(cfg: Any, report: LoadReport) -> list[Sample]:
     """Every good sample of the dataset, in row order; images stay in the Arrow data."""
     from datasets import Image as ImageFeature
 

@@ -7,13 +7,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from sweeper.data.base import IMAGE_ERRORS, LoadedSample, LoadReport, VQASample, reject_image
+from sweeper.data.base import IMAGE_ERRORS, LoadedSample, LoadReport, Sample, reject_image
 
 _DONE = object()
 
 
 def prefetch(
-    samples: Sequence[VQASample], depth: int, report: LoadReport | None = None
+    samples: Sequence[Sample], depth: int, report: LoadReport | None = None
 ) -> Iterator[LoadedSample]:
     """Yield samples with decoded images in order; at most `depth` decoded images wait in memory.
 

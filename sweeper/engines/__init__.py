@@ -1,4 +1,6 @@
-"""Engines behind one interface, and the cache that keeps one loaded across trials.
+"""Engines behind one interface (base.py), each a subpackage with its config (whose `_target_`
+names the engine class) and its engine; a toolkit of what they share (toolkit/); and the cache
+that keeps one engine loaded across trials.
 
 Trials of one process that differ only in decoding keys reuse the loaded engine; a trial with
 another engine-level config closes the old engine (freeing its memory) before loading the new.
@@ -6,23 +8,21 @@ another engine-level config closes the old engine (freeing its memory) before lo
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sweeper.engines.base import Completion, DecodingParams, Engine
+from sweeper.engines.base import Engine
 
-__all__ = ["Completion", "DecodingParams", "Engine", "EngineCache", "engine_class"]
-
-# name -> "module:Class", imported only when used (vLLM is an optional install).
-ENGINES = {"hf": "sweeper.engines.hf:HFEngine", "vllm": "sweeper.engines.vllm:VLLMEngine"}
+__all__ = ["ENGINE_CACHE", "Engine", "EngineCache", "engine_class"]
 
 
-def engine_class(name: str) -> type[Engine]:
-    module, _, cls = ENGINES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+def engine_class(engine_cfg: Any) -> type[Engine]:
+    """The class the engine config names (imported only now: vLLM is an optional install)."""
+    from hydra.utils import get_class
+
+    return get_class(engine_cfg._target_)
 
 
 @dataclass
@@ -45,25 +45,25 @@ class EngineCache:
         self.loads = 0
 
     @staticmethod
-    def key(engine_cfg: Any, model_cfg: Any, options: dict[str, Any] | None = None) -> str:
+    def key(engine_cfg: Any, model_cfg: Any, options: dict[str, Any]) -> str:
         return json.dumps(
-            {"engine": asdict(engine_cfg), "model": asdict(model_cfg), "options": options or {}},
+            {"engine": asdict(engine_cfg), "model": asdict(model_cfg), "options": options},
             sort_keys=True,
         )
 
-    def get(
-        self, engine_cfg: Any, model_cfg: Any, options: dict[str, Any] | None = None
-    ) -> LoadedEngine:
-        """The engine for this config; `options` are its `Engine.load_options` for the trial."""
+    def get(self, engine_cfg: Any, model_cfg: Any, options: dict[str, Any]) -> LoadedEngine:
+        """The engine for this config; `options` are its config's `load_options(trial)`."""
         key = self.key(engine_cfg, model_cfg, options)
         if self._engine is not None and key == self._key:
             return LoadedEngine(self._engine, key, None)
         self.clear()
+        from sweeper.engines.toolkit.chat import chat_prompts
         from sweeper.models import resolve_model_path
+        from sweeper.models.info import model_info
 
         start = time.perf_counter()
-        engine_type = engine_class(engine_cfg.name)
-        engine = engine_type(engine_cfg, resolve_model_path(model_cfg), **(options or {}))
+        chat = chat_prompts(model_info(resolve_model_path(model_cfg)), model_cfg.chat_template)
+        engine = engine_class(engine_cfg)(engine_cfg, chat, **options)
         self._engine, self._key = engine, key
         self.loads += 1
         return LoadedEngine(engine, key, time.perf_counter() - start)

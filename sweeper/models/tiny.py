@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sweeper.prompt import ANSWER_INSTRUCTION
+from sweeper.tasks.base import ANSWER_INSTRUCTION
 
 # Qwen2.5-VL's special tokens in their official order (ids 151643-151664 in the real vocabulary).
 QWEN2_5_VL_SPECIAL_TOKENS = [

@@ -48,7 +48,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel, StaticCache
 
 from sweeper.config import ConfigError
-from sweeper.engines.hf_prefix import generation_position_ids
+from sweeper.engines.hf.accel.prefix_store import generation_position_ids
 
 # GenerationConfig fields that make `generate` add a logits processor the step does not
 # implement, and the values that leave it out.

@@ -1,8 +1,8 @@
-"""Workloads: how a trial's dataset questions become requests, the same for every engine.
-
-A workload sets each `LoadedSample.messages` (the chat to send) and drives `Engine.run`; engines
-only send what they are given (`request_messages`). The four (config group `workload`):
-- `single`: one question per image, the plain VQA prompt.
+"""Workloads: how a task's samples become the requests an engine answers, the same for every
+engine and task. The task writes each chat (`Task.messages`); the workload decides what goes in
+it (system prompt, history, the image or not, an answer or a reasoning path) and drives
+`Engine.run`:
+- `single`: one request per sample.
 - `shared_prefix`: every request starts with the same system prompt of about
   `workload.system_prompt_tokens` tokens (counted by the engine's tokenizer) - the prefix a
   prefix cache computes once.
@@ -18,14 +18,14 @@ only send what they are given (`request_messages`). The four (config group `work
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import cycle, islice
 from typing import Any
 
-from sweeper.data.base import LoadedSample, VQASample, image_source
-from sweeper.engines.base import Completion, DecodingParams, Engine
-from sweeper.prompt import ANSWER_INSTRUCTION, REASONING_INSTRUCTION, vqa_messages
+from sweeper.data.base import LoadedSample, Sample, image_source
+from sweeper.engines.base import Engine, OnDone
+from sweeper.requests import Completion, DecodingParams, Request, ServingParams
+from sweeper.tasks import Task
 
 _SYSTEM_INTRO = "You are a careful visual question answering assistant. Follow these rules."
 _RULES = (
@@ -36,20 +36,6 @@ _RULES = (
     "Count carefully when the question asks how many.",
     "Do not describe anything the question does not ask about.",
 )
-
-
-def request_messages(item: LoadedSample, decoding: DecodingParams) -> list[dict]:
-    """The chat an engine sends for `item`: the workload's, else the plain VQA prompt."""
-    if item.messages is not None:
-        return item.messages
-    return vqa_messages(item.sample.question, decoding.system_prompt)
-
-
-def has_image(messages: list[dict]) -> bool:
-    return any(
-        isinstance(m["content"], list) and any(part.get("type") == "image" for part in m["content"])
-        for m in messages
-    )
 
 
 def synthetic_system_prompt(tokens: int, count_tokens: Callable[[str], int]) -> str:
@@ -68,53 +54,63 @@ def synthetic_system_prompt(tokens: int, count_tokens: Callable[[str], int]) -> 
     return " ".join(words[:low])
 
 
-@dataclass
 class Workload:
     """`single`, and the base of the others: one request per sample, sent as it comes."""
 
-    images: bool = True
-    system_prompt: str | None = None
-    instruction: str = ANSWER_INSTRUCTION
+    reasoning = False  # ask for a reasoning path ending in 'Answer: ...' instead of an answer
 
-    def arrange(self, samples: list[VQASample]) -> list[VQASample]:
+    def __init__(self, cfg: Any, task: Task, system_prompt: str | None, engine: Engine):
+        self.task = task
+        self.images = cfg.images and task.takes_images
+        self.system_prompt = system_prompt
+
+    def arrange(self, samples: list[Sample]) -> list[Sample]:
         """The samples in the order the workload sends them."""
         return samples
 
-    def messages(self, sample: VQASample, history: list[tuple[str, str]]) -> list[dict]:
-        """The chat for `sample` after the (question, answer) turns of `history`."""
-        questions = [question for question, _ in history] + [sample.question]
-        messages = vqa_messages(questions[0], self.system_prompt, self.instruction, self.images)
-        for (_, answer), question in zip(history, questions[1:], strict=True):
-            messages.append({"role": "assistant", "content": answer})
-            text = f"{question}\n{self.instruction}"
-            messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
-        return messages
+    def request(self, item: LoadedSample, history: Sequence[tuple[str, str]] = ()) -> Request:
+        """The request for `item` after the (question, answer) turns of `history`."""
+        messages = self.task.messages(
+            item.sample, history, self.system_prompt, self.reasoning, self.images
+        )
+        images = [item.image] if self.images and item.image is not None else []
+        return Request(item.sample.question_id, messages, images, item.decode_s)
 
     def run(
         self,
         engine: Engine,
         items: Iterable[LoadedSample],
         decoding: DecodingParams,
-        batch_size: int,
-        on_batch: Callable[[int], None] | None = None,
+        serving: ServingParams,
+        on_done: OnDone | None = None,
     ) -> list[Completion]:
         """Answer every item through `engine.run` (its batching, static or continuous)."""
-        prepared = (replace(item, messages=self.messages(item.sample, [])) for item in items)
-        return engine.run(prepared, decoding, batch_size, on_batch)
+        return engine.run((self.request(item) for item in items), decoding, serving, on_done)
 
 
-def _image_key(sample: VQASample) -> str:
+class SharedPrefixWorkload(Workload):
+    def __init__(self, cfg: Any, task: Task, system_prompt: str | None, engine: Engine):
+        super().__init__(cfg, task, system_prompt, engine)
+        self.system_prompt = synthetic_system_prompt(cfg.system_prompt_tokens, engine.count_tokens)
+
+
+class MultiSampleWorkload(Workload):
+    reasoning = True
+
+
+def _image_key(sample: Sample) -> str:
     image_id = sample.metadata.get("image_id")
     return str(image_id) if image_id is not None else image_source(sample)
 
 
-@dataclass
 class MultiTurnWorkload(Workload):
-    turns: int = 3
+    def __init__(self, cfg: Any, task: Task, system_prompt: str | None, engine: Engine):
+        super().__init__(cfg, task, system_prompt, engine)
+        self.turns = cfg.turns
 
-    def arrange(self, samples: list[VQASample]) -> list[VQASample]:
+    def arrange(self, samples: list[Sample]) -> list[Sample]:
         """Questions about one image next to each other, images in order of first appearance."""
-        groups: dict[str, list[VQASample]] = {}
+        groups: dict[str, list[Sample]] = {}
         for sample in samples:
             groups.setdefault(_image_key(sample), []).append(sample)
         return [sample for group in groups.values() for sample in group]
@@ -136,41 +132,22 @@ class MultiTurnWorkload(Workload):
         engine: Engine,
         items: Iterable[LoadedSample],
         decoding: DecodingParams,
-        batch_size: int,
-        on_batch: Callable[[int], None] | None = None,
+        serving: ServingParams,
+        on_done: OnDone | None = None,
     ) -> list[Completion]:
         """`batch_size` conversations at a time; each turn's answers go into the next turn's
         history (the first returned sequence, as the model wrote it)."""
         completions: list[Completion] = []
         conversations = self._conversations(items)
-        while group := list(islice(conversations, batch_size)):
+        while group := list(islice(conversations, serving.batch_size)):
             histories: list[list[tuple[str, str]]] = [[] for _ in group]
             for turn in range(max(len(c) for c in group)):
                 live = [index for index, c in enumerate(group) if turn < len(c)]
-                requests = [
-                    replace(
-                        group[i][turn],
-                        messages=self.messages(group[i][turn].sample, histories[i]),
-                    )
-                    for i in live
-                ]
-                answered = engine.run(requests, decoding, batch_size, on_batch)
-                for i, request, completion in zip(live, requests, answered, strict=True):
-                    histories[i].append((request.sample.question, completion.texts[0].strip()))
+                # Each turn's sample shows the conversation's image (one image key).
+                requests = [self.request(group[i][turn], histories[i]) for i in live]
+                answered = engine.run(requests, decoding, serving, on_done)
+                for i, completion in zip(live, answered, strict=True):
+                    question = group[i][turn].sample.question
+                    histories[i].append((question, completion.texts[0].strip()))
                 completions.extend(answered)
         return completions
-
-
-def build_workload(trial: Any, engine: Engine) -> Workload:
-    """The trial's workload; `shared_prefix` sizes its system prompt with the engine's tokenizer."""
-    cfg = trial.workload
-    common: dict[str, Any] = {"images": cfg.images, "system_prompt": trial.system_prompt}
-    if cfg.name == "shared_prefix":
-        common["system_prompt"] = synthetic_system_prompt(
-            cfg.system_prompt_tokens, engine.count_tokens
-        )
-    if cfg.name == "multi_sample":
-        return Workload(instruction=REASONING_INSTRUCTION, **common)
-    if cfg.name == "multi_turn":
-        return MultiTurnWorkload(turns=cfg.turns, **common)
-    return Workload(**common)

@@ -1,0 +1,29 @@
+"""What every engine's config has: its name, the class it builds (`_target_`), the device and
+dtype; and the two questions a trial asks an engine config before anything loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import MISSING
+
+from sweeper.config import Device, DType
+from sweeper.models.info import ModelInfo
+
+
+@dataclass
+class EngineConfig:
+    name: str = MISSING
+    _target_: str = MISSING  # the Engine subclass, imported only when an engine is built
+    device: Device = Device.auto
+    dtype: DType = DType.auto
+
+    def check(self, trial: Any, model: ModelInfo) -> None:
+        """Refuse (ConfigError) what this engine cannot run for `trial` on `model`, before load."""
+
+    def load_options(self, trial: Any) -> dict[str, Any]:
+        """Trial keys the engine fixes when it loads (e.g. vLLM's scheduler limits): keyword
+        arguments of its constructor, and part of the engine cache key, so a trial that changes
+        one loads a new engine."""
+        return {}

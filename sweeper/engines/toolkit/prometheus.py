@@ -1,0 +1,37 @@
+"""An engine's own cumulative counters, differenced over a measured run: the cross-checks logged
+beside sweeper's own metrics. vLLM exposes them in-process (`get_metrics_snapshot`) and on a
+server's `/metrics`; both become one flat `{sample name: total over label sets}`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# vLLM's metric names (the same in-process and on /metrics, where counters end in _total).
+TTFT = "vllm:time_to_first_token_seconds"
+PREFIX_QUERIES = "vllm:prefix_cache_queries"
+PREFIX_HITS = "vllm:prefix_cache_hits"
+
+
+def totals(samples: Mapping[str, float] | list[tuple[str, float]]) -> dict[str, float]:
+    """Samples summed over label sets; counters' `_total` suffix dropped."""
+    items = samples.items() if isinstance(samples, Mapping) else samples
+    summed: dict[str, float] = {}
+    for name, value in items:
+        name = name.removesuffix("_total")
+        summed[name] = summed.get(name, 0.0) + value
+    return summed
+
+
+def vllm_own_metrics(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """`vllm_ttft_s`: the mean of vLLM's TTFT histogram over the run (sum / count);
+    `vllm_prefix_cache_hit_rate`: prefix-cache hits / queries (both count tokens)."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    metrics = {}
+    if count := delta(f"{TTFT}_count"):
+        metrics["vllm_ttft_s"] = delta(f"{TTFT}_sum") / count
+    if queries := delta(PREFIX_QUERIES):
+        metrics["vllm_prefix_cache_hit_rate"] = delta(PREFIX_HITS) / queries
+    return metrics

@@ -1,0 +1,105 @@
+"""A task: a dataset's samples, the chat each becomes (its prompt), and how a completion is
+scored (as lmms-eval's tasks own `doc_to_text` and `process_results`). Engines know nothing of
+tasks; the trial asks the task for requests' messages and for the scores."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from sweeper.data import LoadReport, Sample, load_samples
+from sweeper.metrics import majority_vote, normalize_answer
+from sweeper.requests import Completion
+
+ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+# workload=multi_sample: a reasoning path per sample, its answer on a last line of its own.
+REASONING_INSTRUCTION = (
+    "Think step by step, then give the final answer on a last line as 'Answer: <word or phrase>'."
+)
+_ANSWER_PREFIX = "answer:"
+
+
+def extract_answer(text: str) -> str:
+    """The answer in a generated text: what follows its last 'Answer:' (a reasoning path), else
+    its first line; without surrounding space or a final '.'."""
+    at = text.lower().rfind(_ANSWER_PREFIX)
+    if at >= 0:
+        text = text[at + len(_ANSWER_PREFIX) :]
+    line = text.strip().split("\n", 1)[0].strip()
+    return line[:-1].rstrip() if line.endswith(".") else line
+
+
+class Task(ABC):
+    """Questions with reference answers, asked for a short answer (or a reasoning path ending in
+    one); a completion's answer is its sequences' majority vote."""
+
+    takes_images: ClassVar[bool] = False
+    # The keys `score` returns; `score` is the headline one, logged as `accuracy`.
+    scores: ClassVar[tuple[str, ...]] = ("score",)
+    # Reads the dataset's files into samples; bad samples go to the report.
+    source: ClassVar[Callable[[Any, LoadReport], list[Sample]]]
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def load(self) -> tuple[list[Sample], LoadReport]:
+        return load_samples(self.cfg, type(self).source)
+
+    def messages(
+        self,
+        sample: Sample,
+        history: Sequence[tuple[str, str]] = (),
+        system_prompt: str | None = None,
+        reasoning: bool = False,
+        image: bool = True,
+    ) -> list[dict]:
+        """The chat for `sample` after the (question, answer) turns of `history`; the image part
+        (when the task has images and `image`) opens the first question."""
+        instruction = REASONING_INSTRUCTION if reasoning else ANSWER_INSTRUCTION
+        questions = [question for question, _ in history] + [sample.question]
+        messages: list[dict] = []
+        if system_prompt:
+            messages.append({"role": "system", "content": system_prompt})
+        picture = [{"type": "image"}] if image and self.takes_images else []
+        messages.append(
+            {
+                "role": "user",
+                "content": [*picture, {"type": "text", "text": f"{questions[0]}\n{instruction}"}],
+            }
+        )
+        for (_, answer), question in zip(history, questions[1:], strict=True):
+            messages.append({"role": "assistant", "content": answer})
+            text = f"{question}\n{instruction}"
+            messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
+        return messages
+
+    @staticmethod
+    def answer(completion: Completion) -> str:
+        """The completion's answer: its one sequence's, or the majority of its sequences'."""
+        answers = [extract_answer(text) for text in completion.texts]
+        return majority_vote(answers) if len(answers) > 1 else normalize_answer(answers[0])
+
+    @abstractmethod
+    def score(self, prediction: str, answers: list[str]) -> dict[str, float]:
+        """The prediction's scores against the sample's answers, by the names in `scores`."""
+
+    def record(self, sample: Sample, completion: Completion) -> dict[str, Any]:
+        """One row of the trial's predictions table."""
+        prediction = self.answer(completion)
+        return {
+            "question_id": sample.question_id,
+            "question": sample.question,
+            "prediction": prediction,
+            "answers": sample.answers,
+            **self.score(prediction, sample.answers),
+            "ttft_s": completion.timing.ttft_s,
+            "output_tokens": completion.timing.output_tokens,
+        }
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """The trial's task metrics: each score's mean over the records (`score`: `accuracy`)."""
+        return {
+            "accuracy" if name == "score" else name: sum(r[name] for r in records) / len(records)
+            for name in self.scores
+        }

@@ -1,0 +1,25 @@
+"""Text question answering: a question alone, a short answer, scored by exact match against any
+reference answer after the VQA answer normalisation (case, punctuation, articles, numbers). It
+takes any text-only model."""
+
+from __future__ import annotations
+
+from sweeper.data.easy_vqa import load_easy_vqa_text
+from sweeper.data.jsonl import load_jsonl
+from sweeper.metrics import normalize_answer
+from sweeper.tasks.base import Task
+
+
+class TextTask(Task):
+    takes_images = False
+
+    def score(self, prediction: str, answers: list[str]) -> dict[str, float]:
+        return {"score": float(prediction in {normalize_answer(a) for a in answers})}
+
+
+class EasyVQAText(TextTask):
+    source = staticmethod(load_easy_vqa_text)
+
+
+class TextJSONL(TextTask):
+    source = staticmethod(load_jsonl)
