@@ -28,10 +28,15 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from hydra_plugins.sweeper_optuna.config import register_plugin  # noqa: E402
 from sweeper.config import ConfigError, register_configs  # noqa: E402
 from sweeper.metrics import HEADLINE_METRICS  # noqa: E402
 
 register_configs()
+# The Optuna sweeper plugin, registered by the command that uses it: Hydra's plugin scan cannot
+# list the hydra_plugins namespace of an editable install (pip install -e). The plugin imports
+# sweeper's tracking; nothing below the CLI imports the plugin.
+register_plugin()
 
 CONFIG_MODULE = "sweeper.conf"
 # Flags that only print something (help, config, info): no preflight for them.

@@ -13,7 +13,7 @@ allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ class ConfigError(ValueError):
     """A config value outside what is allowed; the message is meant for the user as is."""
 
     def __init__(self, key: str, value: Any, allowed: str):
+        if isinstance(value, Enum):  # as the user wrote it
+            value = value.value
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
 
@@ -215,11 +217,6 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("sweeper_asset", asset_path, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="trial_schema", node=TrialConfig)
-    # The Optuna sweeper plugin, registered here too: Hydra's plugin scan cannot list the
-    # hydra_plugins namespace of an editable install (pip install -e).
-    from hydra_plugins.sweeper_optuna.config import register_plugin
-
-    register_plugin()
     for node in (HFEngineConfig, VLLMEngineConfig):
         cs.store(group="engine", name=node.name, node=node)
     for node in DATASET_CONFIGS:

@@ -8,8 +8,8 @@ timing (`sweeper/metrics/performance.py` defines every field once).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Self
 
 from PIL import Image
 
@@ -29,8 +29,16 @@ class Request:
     prepare_s: float = 0.0
 
 
+class FromTrial:
+    """Parameters named as the trial keys they take their values from."""
+
+    @classmethod
+    def from_trial(cls, trial: Any) -> Self:
+        return cls(**{f.name: getattr(trial, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
-class DecodingParams:
+class DecodingParams(FromTrial):
     """How every request of a trial is decoded (temperature 0 is greedy, top_k 0 is off)."""
 
     max_new_tokens: int
@@ -43,19 +51,6 @@ class DecodingParams:
     # EOS is not a stop: every sequence has exactly max_new_tokens tokens (performance runs).
     ignore_eos: bool = False
 
-    @classmethod
-    def from_trial(cls, trial: Any) -> DecodingParams:
-        return cls(
-            max_new_tokens=trial.max_new_tokens,
-            temperature=trial.temperature,
-            top_k=trial.top_k,
-            top_p=trial.top_p,
-            beam_num=trial.beam_num,
-            num_samples=trial.num_samples,
-            seed=trial.seed,
-            ignore_eos=trial.ignore_eos,
-        )
-
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -67,7 +62,7 @@ class DecodingParams:
 
 
 @dataclass(frozen=True)
-class ServingParams:
+class ServingParams(FromTrial):
     """How requests are served: `batch_size` requests per static batch, or at most that many
     running at once under continuous batching. An engine applies `kv_cache` and `prefix_caching`
     per call (engine=hf) or fixes them at load (engine=vllm: they are its load options)."""
@@ -76,15 +71,6 @@ class ServingParams:
     continuous_batching: bool = False
     prefix_caching: bool = False
     kv_cache: str = "dynamic"
-
-    @classmethod
-    def from_trial(cls, trial: Any) -> ServingParams:
-        return cls(
-            batch_size=trial.batch_size,
-            continuous_batching=trial.continuous_batching,
-            prefix_caching=trial.prefix_caching,
-            kv_cache=str(trial.kv_cache),
-        )
 
 
 @dataclass

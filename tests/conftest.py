@@ -1,5 +1,5 @@
-"""Shared test helpers: run the real CLI in a subprocess against a throwaway MLflow store; a
-padded batch of easy-VQA questions."""
+"""Shared test helpers: run the real CLI in a subprocess against a throwaway MLflow store; build
+an engine for a model folder; easy-VQA questions as requests (a padded batch)."""
 
 from __future__ import annotations
 
@@ -76,13 +76,56 @@ def store(tmp_path: Path) -> dict[str, str]:
     }
 
 
+def load_engine(engine_cfg, path, chat_template: str | None = None, **options):
+    """The engine `engine_cfg` names, loaded on the model at `path` (as EngineCache builds it)."""
+    from sweeper.engines import engine_class
+    from sweeper.engines.toolkit.chat import chat_prompts
+    from sweeper.models.info import model_info
+
+    chat = chat_prompts(model_info(str(path)), chat_template)
+    return engine_class(engine_cfg)(engine_cfg, chat, **options)
+
+
+def task_samples(dataset_cfg) -> tuple[list, object]:
+    """The samples (and the load report) of the task `dataset_cfg` names."""
+    from sweeper.tasks import task_class
+
+    return task_class(dataset_cfg)(dataset_cfg).load()
+
+
+def easy_vqa_items(limit: int, split: str = "test", text: bool = False) -> list:
+    """The first `limit` easy-VQA questions, images decoded (`text`: without images)."""
+    from sweeper.data import prefetch
+    from sweeper.tasks.config import EasyVQAConfig, EasyVQATextConfig
+    from sweeper.tasks.text import EasyVQAText
+    from sweeper.tasks.vqa import EasyVQA
+
+    task = (
+        EasyVQAText(EasyVQATextConfig(limit=limit))
+        if text
+        else EasyVQA(EasyVQAConfig(limit=limit, split=split))
+    )
+    samples, _ = task.load()
+    return list(prefetch(samples, 8))
+
+
+def vqa_requests(items: list, system_prompt: str | None = None, images: bool = True) -> list:
+    """Loaded easy-VQA samples as the requests workload=single sends."""
+    from sweeper.tasks.config import EasyVQAConfig
+    from sweeper.tasks.vqa import EasyVQA
+    from sweeper.workloads.config import WorkloadConfig
+    from sweeper.workloads.workload import Workload
+
+    workload = Workload(
+        WorkloadConfig(images=images), EasyVQA(EasyVQAConfig()), system_prompt, None
+    )
+    return [workload.request(item) for item in items]
+
+
 @pytest.fixture(scope="session")
 def items() -> list:
-    """easy-VQA questions of 4, 6, 8 and 5 words, images loaded: the first three make a
-    left-padded batch, which gives every decoder layer an attention mask."""
-    from sweeper.config import EasyVQAConfig
-    from sweeper.data import load_samples, prefetch
-
-    samples, _ = load_samples(EasyVQAConfig(limit=30))
-    by_words = {len(sample.question.split()): sample for sample in samples}
-    return list(prefetch([by_words[words] for words in (4, 6, 8, 5)], 4))
+    """easy-VQA questions of 4, 6, 8 and 5 words as requests, images loaded: the first three
+    make a left-padded batch, which gives every decoder layer an attention mask."""
+    loaded = easy_vqa_items(30)
+    by_words = {len(item.sample.question.split()): item for item in loaded}
+    return vqa_requests([by_words[words] for words in (4, 6, 8, 5)])

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweeper.config import OKVQAConfig, OKVQAHFConfig
 from sweeper.data.okvqa import (
     ANNOTATIONS_FILE,
     IMAGE_DIR,
@@ -22,6 +21,7 @@ from sweeper.data.okvqa import (
     image_file_name,
 )
 from sweeper.data.replica import generate
+from sweeper.tasks.config import OKVQAConfig, OKVQAHFConfig
 
 HF_FEATURES_SPEC = ("question_id", "image", "question", "answers", "question_type", "answer_type")
 

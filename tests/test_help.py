@@ -11,7 +11,8 @@ def test_help_lists_groups_and_keys(tmp_path) -> None:
     text = result.stdout
     assert "engine: hf, vllm" in text
     assert "model: custom, qwen2_5_vl_7b_arch, tiny_random, tiny_vlm" in text
-    assert "dataset: easy_vqa, okvqa, okvqa_hf" in text
+    assert "dataset: easy_vqa, easy_vqa_text, okvqa, okvqa_hf, text_jsonl" in text
+    assert "workload: multi_sample, multi_turn, shared_prefix, single" in text
     assert "schema" not in text  # the structured-config schemas are not options
     for key in (
         "beam_num:",

@@ -10,17 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sweeper.config import HFEngineConfig, asset_path
-from sweeper.engines.hf import HFEngine
-from sweeper.engines.hf_attention import SDPA_GQA
-from tests.test_hf_graphed import GREEDY, NEW_TOKENS, assert_same_tokens
+from sweeper.config import asset_path
+from sweeper.engines.hf.accel.attention import SDPA_GQA
+from sweeper.engines.hf.config import HFEngineConfig
+from sweeper.engines.hf.engine import HFEngine
+from tests.conftest import load_engine
+from tests.test_hf_graphed import NEW_TOKENS, assert_same_tokens
 
 IMPLEMENTATIONS = ("sdpa", SDPA_GQA)
 
 
 def _engines(config: HFEngineConfig) -> list[HFEngine]:
     path = asset_path("tiny_vlm")
-    return [HFEngine(replace(config, attn_implementation=name), path) for name in IMPLEMENTATIONS]
+    return [
+        load_engine(replace(config, attn_implementation=name), path) for name in IMPLEMENTATIONS
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +38,8 @@ def engines():
 def test_logits_and_greedy_tokens_are_sdpas(engines, items) -> None:
     sdpa, gqa = engines
     assert gqa.model.config._attn_implementation == SDPA_GQA
-    inputs, images = sdpa._inputs(items[:3], GREEDY)
-    assert images and "pixel_values" in inputs
+    inputs = sdpa._inputs(items[:3])
+    assert "pixel_values" in inputs
     kwargs = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": sdpa.pad_id}
     kwargs.update(temperature=None, top_k=None, top_p=None)
     with torch.inference_mode():
@@ -47,13 +51,13 @@ def test_logits_and_greedy_tokens_are_sdpas(engines, items) -> None:
             assert torch.equal(
                 gqa.model.generate(**inputs, **kwargs, cache_implementation=cache), want
             )
-    answers = sdpa.processor.batch_decode(want[:, inputs["input_ids"].shape[1] :])
+    answers = sdpa.chat.tokenizer.batch_decode(want[:, inputs["input_ids"].shape[1] :])
     assert all(answer.strip() for answer in answers), answers
 
 
 def test_the_kv_heads_reach_the_kernel_unrepeated(engines, items, monkeypatch) -> None:
     """sdpa copies the 2 KV heads out to 4 before the kernel; sdpa_gqa hands it the 2."""
-    text = engines[0].text_config
+    text = engines[0].model.config.get_text_config(decoder=True)
     calls: list[tuple[int, int, bool]] = []
     kernel = F.scaled_dot_product_attention
 
@@ -64,7 +68,7 @@ def test_the_kv_heads_reach_the_kernel_unrepeated(engines, items, monkeypatch) -
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     heads = {}
     for engine in engines:
-        inputs, _ = engine._inputs(items[:3], GREEDY)
+        inputs = engine._inputs(items[:3])
         calls.clear()
         with torch.inference_mode():
             engine.model(**inputs)

@@ -13,14 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from sweeper.config import ConfigError, HFEngineConfig, ModelConfig, asset_path
+from sweeper.config import ConfigError, ModelConfig, asset_path
 from sweeper.engines import EngineCache
-from sweeper.engines.hf import HFEngine
-from sweeper.engines.hf_fused import FusedGateUpMLP, FusedQKVAttention, fuse_projections
+from sweeper.engines.hf.accel.fused import FusedGateUpMLP, FusedQKVAttention, fuse_projections
+from sweeper.engines.hf.config import HFEngineConfig
+from sweeper.engines.hf.engine import HFEngine
 from sweeper.metrics import HEADLINE_METRICS
 from sweeper.models.qwen_arch import build_qwen2_5_vl_arch
-from tests.conftest import SMALL_QWEN_TEXT, SMALL_QWEN_VISION, run_cli
-from tests.test_hf_graphed import GREEDY, NEW_TOKENS, assert_same_tokens
+from tests.conftest import SMALL_QWEN_TEXT, SMALL_QWEN_VISION, load_engine, run_cli
+from tests.test_hf_graphed import NEW_TOKENS, assert_same_tokens
 
 UNFUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
@@ -28,9 +29,10 @@ UNFUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 def _fused_pair(path: str) -> tuple[nn.Module, HFEngine]:
     """The unfused model (a deep copy) and the engine whose model was then fused."""
     torch.manual_seed(0)
-    engine = HFEngine(HFEngineConfig(device="cpu"), path)
+    engine = load_engine(HFEngineConfig(device="cpu"), path)
     reference = copy.deepcopy(engine.model)
-    assert fuse_projections(engine.model) == engine.text_config.num_hidden_layers
+    layers = engine.model.config.get_text_config(decoder=True).num_hidden_layers
+    assert fuse_projections(engine.model) == layers
     return reference, engine
 
 
@@ -57,8 +59,8 @@ def arch(tmp_path_factory):
 @pytest.mark.parametrize("model", ["tiny", "arch"])
 def test_logits_and_greedy_tokens_are_the_unfused_models(model, request, items) -> None:
     reference, engine = request.getfixturevalue(model)
-    inputs, images = engine._inputs(items[:3], GREEDY)  # a left-padded batch, with images
-    assert images and "pixel_values" in inputs
+    inputs = engine._inputs(items[:3])  # a left-padded batch, with images
+    assert "pixel_values" in inputs
     with torch.inference_mode():
         expected = reference(**inputs).logits
         got = engine.model(**inputs).logits
@@ -68,7 +70,7 @@ def test_logits_and_greedy_tokens_are_the_unfused_models(model, request, items) 
         want = reference.generate(**inputs, **kwargs)
         assert torch.equal(engine.model.generate(**inputs, **kwargs), want)
     if model == "tiny":  # the trained model answers, the answers are words
-        answers = engine.processor.batch_decode(want[:, inputs["input_ids"].shape[1] :])
+        answers = engine.chat.tokenizer.batch_decode(want[:, inputs["input_ids"].shape[1] :])
         assert all(answer.strip() for answer in answers), answers
 
 
@@ -107,16 +109,16 @@ def test_the_weights_are_moved_not_copied_and_the_vision_tower_is_untouched(arch
 def test_the_graphed_loop_gives_the_unfused_tokens(items) -> None:
     path = asset_path("tiny_vlm")
     config = HFEngineConfig(device="cpu", compile=True, decode_loop="graphed")
-    engines = [HFEngine(replace(config, fuse_projections=fuse), path) for fuse in (False, True)]
+    engines = [load_engine(replace(config, fuse_projections=fuse), path) for fuse in (False, True)]
     assert isinstance(engines[1].model.model.language_model.layers[0].mlp, FusedGateUpMLP)
     assert_same_tokens(engines, items[:3])
 
 
 def test_the_engine_cache_key_tells_fused_from_unfused() -> None:
     model = ModelConfig(name="tiny", path=asset_path("tiny_vlm"))
-    unfused = EngineCache.key(HFEngineConfig(), model)
-    assert EngineCache.key(HFEngineConfig(fuse_projections=True), model) != unfused
-    assert EngineCache.key(HFEngineConfig(fuse_projections=False), model) == unfused
+    unfused = EngineCache.key(HFEngineConfig(), model, {})
+    assert EngineCache.key(HFEngineConfig(fuse_projections=True), model, {}) != unfused
+    assert EngineCache.key(HFEngineConfig(fuse_projections=False), model, {}) == unfused
 
 
 def test_another_architecture_is_refused() -> None:

@@ -18,41 +18,27 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sweeper.config import (
-    ConfigError,
-    HFEngineConfig,
-    TrialConfig,
-    asset_path,
-    register_configs,
-)
-from sweeper.data import LoadedSample
-from sweeper.engines.base import DecodingParams
-from sweeper.engines.hf import HFEngine
+from sweeper.config import ConfigError, TrialConfig, asset_path, register_configs
+from sweeper.engines.hf.config import HFEngineConfig
+from sweeper.engines.hf.engine import HFEngine
 from sweeper.metrics import HEADLINE_METRICS
 from sweeper.models.qwen_arch import build_qwen2_5_vl_arch
+from sweeper.requests import DecodingParams, Request, ServingParams
 from sweeper.trial import run_trial
-from tests.conftest import SMALL_QWEN_TEXT, SMALL_QWEN_VISION, run_cli
+from tests.conftest import SMALL_QWEN_TEXT, SMALL_QWEN_VISION, load_engine, run_cli
 
 NEW_TOKENS = 12
-GREEDY = DecodingParams(
-    beam_num=1,
-    max_new_tokens=NEW_TOKENS,
-    temperature=0.0,
-    top_k=0,
-    top_p=1.0,
-    num_samples=1,
-    seed=0,
-    kv_cache="static",
-)
+GREEDY = DecodingParams(max_new_tokens=NEW_TOKENS)
+STATIC = ServingParams(batch_size=3, kv_cache="static")
 
 
 def _pair(path: str) -> tuple[HFEngine, HFEngine]:
     """The reference (`generate`, kv_cache=static, not compiled) and the graphed engine, with the
     same weights (a weightless folder's random ones are drawn from the same seed)."""
     torch.manual_seed(0)
-    reference = HFEngine(HFEngineConfig(device="cpu"), path)
+    reference = load_engine(HFEngineConfig(device="cpu"), path)
     torch.manual_seed(0)
-    graphed = HFEngine(HFEngineConfig(device="cpu", compile=True, decode_loop="graphed"), path)
+    graphed = load_engine(HFEngineConfig(device="cpu", compile=True, decode_loop="graphed"), path)
     return reference, graphed
 
 
@@ -80,15 +66,15 @@ def arch(tmp_path_factory):
 
 
 def _tokens(
-    engine: HFEngine, items: list[LoadedSample], decoding: DecodingParams
+    engine: HFEngine, items: list[Request], decoding: DecodingParams
 ) -> tuple[list[list[int]], list[int]]:
     """The batch's new tokens (padding after EOS included), and its prompts' lengths."""
-    inputs, images = engine._inputs(items, decoding)
-    run, _ = engine._decode(inputs, images, decoding)
+    inputs = engine._inputs(items)
+    run, _ = engine._decode(inputs, [], decoding, STATIC)
     return run.tokens, inputs["attention_mask"].sum(dim=1).tolist()
 
 
-def assert_same_tokens(engines: list[HFEngine], items: list[LoadedSample]) -> None:
+def assert_same_tokens(engines: list[HFEngine], items: list[Request]) -> None:
     """The second engine's greedy tokens are the first's, ending at EOS or not; both closed."""
     try:
         for ignore_eos in (False, True):
@@ -137,15 +123,13 @@ def test_the_step_launched_after_the_last_is_dropped(tiny, items, monkeypatch) -
     """The loop launches step i+1 before it reads step i's flag: when every sequence has ended
     before max_new_tokens, one step ran in vain, and neither its tokens nor its time count."""
     reference, graphed = tiny
-    inputs, images = reference._inputs(items[:3], GREEDY)
-    expected, _ = reference._decode(inputs, images, GREEDY)
+    expected, _ = reference._decode(reference._inputs(items[:3]), [], GREEDY, STATIC)
     launches = []
     launch = graphed.graphed._launch
     monkeypatch.setattr(
         graphed.graphed, "_launch", lambda *args: launches.append(args[-1]) or launch(*args)
     )
-    inputs, images = graphed._inputs(items[:3], GREEDY)
-    run, _ = graphed._decode(inputs, images, GREEDY)
+    run, _ = graphed._decode(graphed._inputs(items[:3]), [], GREEDY, STATIC)
     columns = len(run.tokens[0])
     assert columns < NEW_TOKENS  # the trained model answers in a word, then EOS
     assert run.tokens == expected.tokens
@@ -158,8 +142,8 @@ def test_the_step_launched_after_the_last_is_dropped(tiny, items, monkeypatch) -
 
 def test_timings_and_token_counts(tiny, items) -> None:
     reference, graphed = tiny
-    expected = reference.generate_batch(items[:3], GREEDY)
-    got = graphed.generate_batch(items[:3], GREEDY)
+    expected = reference.generate(items[:3], GREEDY, STATIC)
+    got = graphed.generate(items[:3], GREEDY, STATIC)
     assert [c.texts for c in got] == [c.texts for c in expected]
     for mine, theirs in zip(got, expected, strict=True):
         timing = mine.timing
@@ -192,7 +176,7 @@ def test_a_generation_config_asking_for_more_is_refused(tiny, items, monkeypatch
     _, graphed = tiny
     monkeypatch.setattr(graphed.model.generation_config, "no_repeat_ngram_size", 3)
     with pytest.raises(ConfigError, match="no_repeat_ngram_size=3"):
-        graphed.generate_batch(items[:1], GREEDY)
+        graphed.generate(items[:1], GREEDY, STATIC)
 
 
 def _trial(*overrides: str) -> TrialConfig:

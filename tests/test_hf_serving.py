@@ -8,7 +8,6 @@ gets its own answer, and check that they do.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,20 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from sweeper.cli import BadInput, preflight
-from sweeper.config import EasyVQAConfig, HFEngineConfig
-from sweeper.data import LoadedSample, VQASample, load_samples, prefetch
-from sweeper.engines.base import Completion, DecodingParams, Engine
-from sweeper.engines.hf import HFEngine, quanto_installed
+from sweeper.data import LoadedSample, Sample
+from sweeper.engines.base import Engine
+from sweeper.engines.hf.config import HFEngineConfig, quanto_installed
 from sweeper.metrics.performance import RequestTiming, summarize
 from sweeper.models.varied import build_varied_vlm
-from sweeper.prompt import vqa_messages
+from sweeper.requests import Completion, DecodingParams, ServingParams
+from sweeper.tasks.config import EasyVQAConfig
+from sweeper.tasks.vqa import EasyVQA
 from sweeper.trial import run_trial
-from sweeper.workloads import MultiTurnWorkload, Workload, synthetic_system_prompt
+from sweeper.workloads.config import MultiTurnWorkloadConfig, WorkloadConfig
+from sweeper.workloads.workload import MultiTurnWorkload, Workload, synthetic_system_prompt
+from tests.conftest import easy_vqa_items, load_engine
 
+TASK = EasyVQA(EasyVQAConfig())
 SYSTEM = "You are a careful assistant who looks twice before answering. " * 4
 
 
@@ -37,28 +40,36 @@ def varied_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(varied_model):
-    engine = HFEngine(HFEngineConfig(device="cpu"), str(varied_model))
+    engine = load_engine(HFEngineConfig(device="cpu"), varied_model)
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="module")
 def items() -> list[LoadedSample]:
-    samples, _ = load_samples(EasyVQAConfig(limit=6))
-    return list(prefetch(samples, 8))
+    return easy_vqa_items(6)
 
 
-def decoding(**changes) -> DecodingParams:
-    greedy = DecodingParams(
-        beam_num=1, max_new_tokens=8, temperature=0.0, top_k=0, top_p=1.0, num_samples=1, seed=0
-    )
-    return replace(greedy, **changes)
+def single(system_prompt: str | None = None, images: bool = True) -> Workload:
+    return Workload(WorkloadConfig(images=images), TASK, system_prompt, None)
 
 
-def answer(engine, workload, items, params, batch_size: int = 3) -> list[Completion]:
+def multi_turn(turns: int = 3) -> MultiTurnWorkload:
+    return MultiTurnWorkload(MultiTurnWorkloadConfig(turns=turns), TASK, None, None)
+
+
+DECODING_KEYS = {"beam_num", "num_samples", "temperature", "ignore_eos"}
+
+
+def answer(engine, workload, items, batch_size: int = 3, **changes) -> list[Completion]:
+    """Greedy answers of 8 tokens at most, with the decoding and serving `changes`."""
     engine.reset_prefix_cache()
     torch.manual_seed(0)
-    return workload.run(engine, items, params, batch_size)
+    decoding = DecodingParams(
+        max_new_tokens=8, **{k: changes.pop(k) for k in DECODING_KEYS & changes.keys()}
+    )
+    serving = ServingParams(batch_size=batch_size, **changes)
+    return workload.run(engine, items, decoding, serving)
 
 
 def texts(completions: list[Completion]) -> list[list[str]]:
@@ -66,20 +77,20 @@ def texts(completions: list[Completion]) -> list[list[str]]:
 
 
 def test_greedy_answers_identical_across_kv_cache_modes(engine, items) -> None:
-    workload = Workload(system_prompt=SYSTEM)
-    reference = texts(answer(engine, workload, items, decoding()))
+    workload = single(SYSTEM)
+    reference = texts(answer(engine, workload, items))
     assert len({tuple(t) for t in reference}) > 1, "the model must answer prompts differently"
     modes = ["static", "off"] + (["offloaded"] if torch.cuda.is_available() else [])
     for mode in modes:
-        got = texts(answer(engine, workload, items, decoding(kv_cache=mode)))
+        got = texts(answer(engine, workload, items, kv_cache=mode))
         assert got == reference, mode
 
 
 @pytest.mark.skipif(not quanto_installed(), reason="kv_cache=quantized needs optimum-quanto")
 def test_quantized_cache_answers_every_request(engine, items) -> None:
     # 4-bit KV changes the logits, so answers may differ: agreement is reported by the benchmark.
-    got = answer(engine, Workload(), items, decoding(kv_cache="quantized"))
-    assert [c.question_id for c in got] == [i.sample.question_id for i in items]
+    got = answer(engine, single(), items, kv_cache="quantized")
+    assert [c.request_id for c in got] == [i.sample.question_id for i in items]
     assert all(c.timing.output_tokens > 0 for c in got)
 
 
@@ -96,9 +107,9 @@ def test_quantized_cache_answers_every_request(engine, items) -> None:
 def test_prefix_caching_keeps_the_answers_and_reuses_the_system_prompt(
     engine, items, changes
 ) -> None:
-    workload = Workload(system_prompt=SYSTEM)
-    reference = texts(answer(engine, workload, items, decoding(**changes)))
-    cached = answer(engine, workload, items, decoding(prefix_caching=True, **changes))
+    workload = single(SYSTEM)
+    reference = texts(answer(engine, workload, items, **changes))
+    cached = answer(engine, workload, items, prefix_caching=True, **changes)
     assert texts(cached) == reference
     reused = [c.timing.cached_prompt_tokens for c in cached]
     # The first request pays for the shared system prompt; every other one reuses it.
@@ -111,23 +122,23 @@ def _hit_rate(completions: list[Completion]) -> float:
 
 def test_hit_rate_is_zero_when_prompts_share_no_prefix(engine, items) -> None:
     # Each request's system prompt differs from its first word on: nothing to reuse.
-    distinct = [
-        replace(item, messages=vqa_messages(item.sample.question, f"{index} {SYSTEM}"))
-        for index, item in enumerate(items)
-    ]
+    distinct = [single(f"{index} {SYSTEM}").request(item) for index, item in enumerate(items)]
     engine.reset_prefix_cache()
-    completions = engine.run(distinct, decoding(prefix_caching=True), 3)
+    completions = engine.run(
+        distinct, DecodingParams(max_new_tokens=8), ServingParams(3, prefix_caching=True)
+    )
     assert _hit_rate(completions) == 0.0
-    shared = answer(engine, Workload(system_prompt=SYSTEM), items, decoding(prefix_caching=True))
+    shared = answer(engine, single(SYSTEM), items, prefix_caching=True)
     assert _hit_rate(shared) > 0.3
 
 
 def test_multi_turn_reuses_the_conversation_so_far(engine) -> None:
-    samples, _ = load_samples(EasyVQAConfig(limit=12))  # two images, several questions each
-    workload = MultiTurnWorkload(turns=3)
-    turns = list(prefetch(workload.arrange(samples), 8))
-    reference = answer(engine, workload, turns, decoding(), batch_size=2)
-    cached = answer(engine, workload, turns, decoding(prefix_caching=True), batch_size=2)
+    loaded = easy_vqa_items(12)  # two images, several questions each
+    workload = multi_turn(3)
+    by_id = {item.sample.question_id: item for item in loaded}
+    turns = [by_id[s.question_id] for s in workload.arrange([i.sample for i in loaded])]
+    reference = answer(engine, workload, turns, batch_size=2)
+    cached = answer(engine, workload, turns, batch_size=2, prefix_caching=True)
     assert texts(cached) == texts(reference)
     # A first turn (the shortest prompts) reuses at most the chat template's opening; a later
     # turn reuses most of its prompt: the earlier turns' prompt and answer.
@@ -140,13 +151,11 @@ def test_multi_turn_reuses_the_conversation_so_far(engine) -> None:
 
 
 def test_continuous_batching_matches_static_batches_on_text(engine, items) -> None:
-    workload = Workload(images=False, system_prompt=SYSTEM)
-    reference = texts(answer(engine, workload, items, decoding()))
-    continuous = answer(engine, workload, items, decoding(continuous_batching=True))
+    workload = single(SYSTEM, images=False)
+    reference = texts(answer(engine, workload, items))
+    continuous = answer(engine, workload, items, continuous_batching=True)
     assert texts(continuous) == reference
-    shared = answer(
-        engine, workload, items, decoding(continuous_batching=True, prefix_caching=True)
-    )
+    shared = answer(engine, workload, items, continuous_batching=True, prefix_caching=True)
     assert texts(shared) == reference and _hit_rate(shared) > 0
 
 
@@ -159,7 +168,6 @@ def test_shared_prefix_system_prompt_has_the_asked_length(engine) -> None:
 class RecordingEngine(Engine):
     """Answers '<question> done' and keeps the messages of every request it was sent."""
 
-    name = "recording"
     device = "cpu"
 
     def __init__(self) -> None:
@@ -168,20 +176,19 @@ class RecordingEngine(Engine):
     def synchronize(self) -> None:
         pass
 
-    def generate_batch(self, batch, decoding) -> list[Completion]:
+    def generate(self, requests, decoding, serving) -> list[Completion]:
         timing = RequestTiming(0.0, 0.0, 0.0, 0.0, None, 1, 1)
-        for item in batch:
-            self.sent[item.sample.question_id] = item.messages
-        return [
-            Completion(i.sample.question_id, [f"{i.sample.question} done"], timing) for i in batch
-        ]
+        for request in requests:
+            self.sent[request.id] = request.messages
+        question = {"a": "qa?", "b": "qb?", "c": "qc?", "d": "qd?", "x": "qx?"}
+        return [Completion(r.id, [f"{question[r.id]} done"], [[0]], timing) for r in requests]
 
     def close(self) -> None:
         pass
 
 
 def _sample(question_id: str, image_id: int) -> LoadedSample:
-    sample = VQASample(question_id, f"q{question_id}?", ["a"], lambda: None, {"image_id": image_id})
+    sample = Sample(question_id, f"q{question_id}?", ["a"], lambda: None, {"image_id": image_id})
     return LoadedSample(sample, None, 0.0)
 
 
@@ -189,13 +196,13 @@ def test_multi_turn_history_grows_turn_by_turn() -> None:
     # Image 1 has four questions (turns=3: a conversation of three, then one of one), image 2
     # one; `arrange` brings an image's questions together.
     order = [("a", 1), ("x", 2), ("b", 1), ("c", 1), ("d", 1)]
-    workload = MultiTurnWorkload(turns=3)
+    workload = multi_turn(3)
     samples = workload.arrange([_sample(q, image).sample for q, image in order])
     assert [s.question_id for s in samples] == ["a", "b", "c", "d", "x"]
     engine = RecordingEngine()
     items = [LoadedSample(s, None, 0.0) for s in samples]
-    completions = workload.run(engine, items, decoding(), batch_size=2)
-    assert sorted(c.question_id for c in completions) == ["a", "b", "c", "d", "x"]
+    completions = workload.run(engine, items, DecodingParams(max_new_tokens=8), ServingParams(2))
+    assert sorted(c.request_id for c in completions) == ["a", "b", "c", "d", "x"]
 
     def turns(question_id: str) -> list[tuple[str, str]]:
         messages = engine.sent[question_id]
@@ -279,6 +286,6 @@ def test_bad_combinations_fail_before_loading(overrides, key, allowed) -> None:
 
 
 def test_quantized_without_its_backend_is_refused(monkeypatch) -> None:
-    monkeypatch.setattr("sweeper.engines.hf.quanto_installed", lambda: False)
+    monkeypatch.setattr("sweeper.engines.hf.config.quanto_installed", lambda: False)
     with pytest.raises(BadInput, match=r"'kv_cache': 'quantized'.*pip install optimum-quanto"):
         preflight(["kv_cache=quantized"])

@@ -10,10 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sweeper.config import ConfigError, OKVQAConfig, OKVQAHFConfig, register_configs
-from sweeper.data import DataError, LoadReport, load_samples, prefetch
+from sweeper.config import ConfigError, register_configs
+from sweeper.data import DataError, LoadReport, prefetch
 from sweeper.data.okvqa import REPLICA_NOTE
 from sweeper.data.replica import MAX_WORDS, MIN_WORDS, generate, main, make_questions
+from sweeper.tasks.config import OKVQAConfig, OKVQAHFConfig
+from tests.conftest import task_samples
 from tests.okvqa_fixtures import (
     Official,
     hf_config,
@@ -47,7 +49,7 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
 
 
 def test_official_files_give_every_question_with_its_stemmed_answers(official) -> None:
-    samples, report = load_samples(official.config())
+    samples, report = task_samples(official.config())
     assert len(samples) == 20 and report.skipped == [] and report.tags == {}
     questions = official.questions()
     annotations = json.loads(official.annotations_file.read_text())["annotations"]
@@ -68,8 +70,8 @@ def test_hugging_face_layout_gives_identical_samples(official, tmp_path, layout)
     else:
         files = write_hf_parquet(columns, tmp_path / "hf" / "data", 1 if "file" in layout else 2)
         path = {"parquet folder": tmp_path / "hf", "parquet list": files}.get(layout, files[0])
-    expected, _ = load_samples(official.config())
-    got, report = load_samples(hf_config(path, tmp_path))
+    expected, _ = task_samples(official.config())
+    got, report = task_samples(hf_config(path, tmp_path))
     assert [_key(s) for s in got] == [_key(s) for s in expected]
     assert [s.metadata["answer_type"] for s in got] == ["other"] * 20
     for ours, theirs in zip(got, expected, strict=True):
@@ -83,8 +85,8 @@ def test_images_stored_as_paths_and_parquet_without_hf_metadata(official, tmp_pa
         {"bytes": None, "path": str(official.image_dir / cell["path"])} for cell in columns["image"]
     ]
     pq.write_table(pa.table(columns), tmp_path / "plain.parquet")
-    expected, _ = load_samples(official.config())
-    got, _ = load_samples(hf_config(tmp_path / "plain.parquet", tmp_path))
+    expected, _ = task_samples(official.config())
+    got, _ = task_samples(hf_config(tmp_path / "plain.parquet", tmp_path))
     assert [_key(s) for s in got] == [_key(s) for s in expected]
     assert np.array_equal(_pixels(got[3]), _pixels(expected[3]))
 
@@ -96,10 +98,10 @@ def test_missing_image_file(official, on_error) -> None:
     question_id = str(official.questions()[3]["question_id"])
     if on_error == "raise":
         with pytest.raises(DataError) as error:
-            load_samples(official.config())
+            task_samples(official.config())
         assert str(path) in _one_line(error) and f"sample {question_id}" in str(error.value)
         return
-    samples, report = load_samples(official.config(on_error="skip"))
+    samples, report = task_samples(official.config(on_error="skip"))
     assert len(samples) == 19 and question_id not in {s.question_id for s in samples}
     (skip,) = report.skipped
     assert (skip.question_id, skip.where) == (question_id, str(path))
@@ -112,9 +114,9 @@ def test_corrupt_jpeg_header_is_caught_at_load(official, on_error) -> None:
     question_id = str(official.questions()[0]["question_id"])
     if on_error == "raise":
         with pytest.raises(DataError, match=f"sample {question_id}: unreadable image"):
-            load_samples(official.config())
+            task_samples(official.config())
         return
-    samples, report = load_samples(official.config(on_error="skip"))
+    samples, report = task_samples(official.config(on_error="skip"))
     assert len(samples) == 19 and [s.question_id for s in report.skipped] == [question_id]
 
 
@@ -123,7 +125,7 @@ def test_truncated_jpeg_is_caught_at_decode(official, on_error) -> None:
     path = official.image_path(2)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])  # header intact, entropy-coded data cut short
-    samples, report = load_samples(official.config(on_error=on_error))
+    samples, report = task_samples(official.config(on_error=on_error))
     assert len(samples) == 20  # the header check at load cannot see this damage
     question_id = str(official.questions()[2]["question_id"])
     if on_error == "raise":
@@ -149,12 +151,12 @@ def test_question_without_annotation(official, on_error) -> None:
     )
     if on_error == "raise":
         with pytest.raises(DataError) as error:
-            load_samples(official.config())
+            task_samples(official.config())
         message = _one_line(error)
         assert f"sample {question_id}: no annotation" in message
         assert str(official.questions_file) in message and str(official.annotations_file) in message
         return
-    samples, report = load_samples(official.config(on_error="skip"))
+    samples, report = task_samples(official.config(on_error="skip"))
     assert len(samples) == 19 and [s.question_id for s in report.skipped] == [str(question_id)]
 
 
@@ -163,9 +165,9 @@ def test_annotation_without_question(official, on_error) -> None:
     official.edit(official.questions_file, lambda c: c["questions"].pop(7))
     if on_error == "raise":
         with pytest.raises(DataError, match="no question in"):
-            load_samples(official.config())
+            task_samples(official.config())
         return
-    samples, report = load_samples(official.config(on_error="skip"))
+    samples, report = task_samples(official.config(on_error="skip"))
     assert len(samples) == 19 and len(report.skipped) == 1
 
 
@@ -175,9 +177,9 @@ def test_image_ids_must_agree(official, on_error) -> None:
     question_id = str(official.questions()[6]["question_id"])
     if on_error == "raise":
         with pytest.raises(DataError, match=f"sample {question_id}: image_id .* but 1 in"):
-            load_samples(official.config())
+            task_samples(official.config())
         return
-    samples, report = load_samples(official.config(on_error="skip"))
+    samples, report = task_samples(official.config(on_error="skip"))
     assert len(samples) == 19 and [s.question_id for s in report.skipped] == [question_id]
 
 
@@ -187,11 +189,11 @@ def test_annotation_with_other_than_ten_answers(official, on_error) -> None:
     question_id = str(official.questions()[4]["question_id"])
     if on_error == "raise":
         with pytest.raises(DataError) as error:
-            load_samples(official.config())
+            task_samples(official.config())
         expected = f"{official.annotations_file}: sample {question_id}: 9 answers, expected 10"
         assert expected in _one_line(error)
         return
-    samples, report = load_samples(official.config(on_error="skip"))
+    samples, report = task_samples(official.config(on_error="skip"))
     assert len(samples) == 19 and [s.question_id for s in report.skipped] == [question_id]
 
 
@@ -205,13 +207,13 @@ def test_hf_row_with_other_than_ten_answers_names_its_file_and_row(
     cfg = hf_config(tmp_path / "hf", tmp_path, on_error=on_error)
     if on_error == "raise":
         with pytest.raises(DataError) as error:
-            load_samples(cfg)
+            task_samples(cfg)
         # Row 15 of 20 is row 5 of the second of two shards.
         assert f"{files[1]} row 5: sample {columns['question_id'][15]}: 11 answers" in str(
             error.value
         )
         return
-    samples, report = load_samples(cfg)
+    samples, report = task_samples(cfg)
     assert len(samples) == 19 and [s.question_id for s in report.skipped] == [
         columns["question_id"][15]
     ]
@@ -232,9 +234,9 @@ def test_duplicate_question_id(official, tmp_path, layout, on_error) -> None:
     question_id = str(official.questions()[0]["question_id"])
     if on_error == "raise":
         with pytest.raises(DataError, match=f"sample {question_id}: duplicate question_id"):
-            load_samples(cfg)
+            task_samples(cfg)
         return
-    samples, report = load_samples(cfg)
+    samples, report = task_samples(cfg)
     # The first occurrence is used; the second is left out and counted.
     assert len(samples) == 20 and samples[0].question_id == question_id
     assert [s.question_id for s in report.skipped] == [question_id]
@@ -243,7 +245,7 @@ def test_duplicate_question_id(official, tmp_path, layout, on_error) -> None:
 @pytest.mark.parametrize("on_error", POLICIES)
 def test_empty_dataset_after_filters(official, on_error) -> None:
     with pytest.raises(DataError) as error:
-        load_samples(official.config(question_types=["no-such-type"], on_error=on_error))
+        task_samples(official.config(question_types=["no-such-type"], on_error=on_error))
     assert "no samples left" in _one_line(error) and "types present: " in str(error.value)
 
 
@@ -251,7 +253,7 @@ def test_every_sample_skipped_is_an_error(official) -> None:
     for path in official.image_dir.iterdir():
         path.unlink()
     with pytest.raises(DataError, match="every selected sample was skipped"):
-        load_samples(official.config(on_error="skip"))
+        task_samples(official.config(on_error="skip"))
 
 
 @pytest.mark.parametrize("on_error", POLICIES)
@@ -261,7 +263,7 @@ def test_parquet_without_the_expected_columns(official, tmp_path, on_error) -> N
     path = tmp_path / "broken.parquet"
     pq.write_table(pa.table(columns), path)
     with pytest.raises(DataError) as error:
-        load_samples(hf_config(path, tmp_path, on_error=on_error))
+        task_samples(hf_config(path, tmp_path, on_error=on_error))
     assert f"{path}: not the OK-VQA Hugging Face layout: missing column(s) answers" in _one_line(
         error
     )
@@ -270,23 +272,23 @@ def test_parquet_without_the_expected_columns(official, tmp_path, on_error) -> N
 def test_question_types_filter(official) -> None:
     annotations = json.loads(official.annotations_file.read_text())["annotations"]
     wanted = {annotations[0]["question_type"], annotations[1]["question_type"]}
-    samples, _ = load_samples(official.config(question_types=sorted(wanted)))
+    samples, _ = task_samples(official.config(question_types=sorted(wanted)))
     assert {s.metadata["question_type"] for s in samples} == wanted
     assert len(samples) == sum(a["question_type"] in wanted for a in annotations)
 
 
 def test_limit_and_seed_pick_the_same_samples_and_check_only_their_images(official) -> None:
-    first, _ = load_samples(official.config(limit=5, seed=1))
-    again, _ = load_samples(official.config(limit=5, seed=1))
+    first, _ = task_samples(official.config(limit=5, seed=1))
+    again, _ = task_samples(official.config(limit=5, seed=1))
     assert [s.question_id for s in first] == [s.question_id for s in again]
     assert [s.question_id for s in first] != [
-        s.question_id for s in load_samples(official.config(limit=5))[0]
+        s.question_id for s in task_samples(official.config(limit=5))[0]
     ]
     chosen = {s.question_id for s in first}
     for index, question in enumerate(official.questions()):
         if str(question["question_id"]) not in chosen:
             official.image_path(index).unlink()
-    assert len(load_samples(official.config(limit=5, seed=1))[0]) == 5
+    assert len(task_samples(official.config(limit=5, seed=1))[0]) == 5
 
 
 def test_replica_is_deterministic_and_tagged(tmp_path) -> None:
@@ -296,7 +298,7 @@ def test_replica_is_deterministic_and_tagged(tmp_path) -> None:
     assert len(files) == 3 + 4
     for file in files:
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
-    _, report = load_samples(Official(tmp_path / "a").config())
+    _, report = task_samples(Official(tmp_path / "a").config())
     assert report.tags == {"dataset_note": REPLICA_NOTE}
 
 
@@ -321,8 +323,6 @@ def test_config_checks_are_one_line_and_before_any_model(tmp_path) -> None:
     with pytest.raises(ConfigError, match="invalid value for 'dataset.questions_file': None"):
         OKVQAConfig()
     official = write_official(tmp_path / "o", n=2)
-    with pytest.raises(ConfigError, match="dataset.on_error"):
-        official.config(on_error="ignore")
     with pytest.raises(ConfigError, match="dataset.question_types"):
         official.config(question_types=[])
     with pytest.raises(ConfigError, match="dataset.path"):
@@ -355,7 +355,7 @@ def test_hydra_composes_both_okvqa_configs(official, tmp_path) -> None:
 
 def test_prefetch_without_report_raises(official) -> None:
     official.image_path(0).write_bytes(official.image_path(0).read_bytes()[:700])
-    samples, _ = load_samples(official.config(limit=2))
+    samples, _ = task_samples(official.config(limit=2))
     with pytest.raises(DataError, match="cannot decode image"):
         list(prefetch(samples, depth=2))
     assert LoadReport().on_error == "raise"

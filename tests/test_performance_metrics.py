@@ -11,6 +11,7 @@ import time
 import pytest
 
 from sweeper.metrics.performance import RequestTiming, batch_efficiency, summarize, tpot
+from tests.conftest import easy_vqa_items, load_engine, vqa_requests
 
 
 def _timing(ttft: float, tokens: int, prompt: int = 10, cached: int = 0) -> RequestTiming:
@@ -55,28 +56,23 @@ def test_batch_efficiency_definition() -> None:
 
 @pytest.fixture(scope="module")
 def hf_engine():
-    from sweeper.config import HFEngineConfig, ModelConfig
-    from sweeper.engines.hf import HFEngine
+    from sweeper.config import ModelConfig
+    from sweeper.engines.hf.config import HFEngineConfig
     from sweeper.models import resolve_model_path
 
     path = resolve_model_path(ModelConfig(name="tiny_random", builder="tiny_random"))
-    return HFEngine(HFEngineConfig(device="cpu"), path)
+    return load_engine(HFEngineConfig(device="cpu"), path)
 
 
-def _loaded(n: int):
-    from sweeper.data import prefetch
-    from sweeper.data.easy_vqa import load_easy_vqa
-
-    return list(prefetch(load_easy_vqa("test")[:n], 4))
+def _requests(n: int):
+    return vqa_requests(easy_vqa_items(n))
 
 
-def _decoding(**overrides):
-    from sweeper.engines import DecodingParams
+def _generate(engine, requests, **decoding):
+    from sweeper.requests import DecodingParams, ServingParams
 
-    base = dict(
-        beam_num=1, max_new_tokens=12, temperature=0.0, top_k=0, top_p=1.0, num_samples=1, seed=0
-    )
-    return DecodingParams(**{**base, **overrides})
+    params = DecodingParams(**{"max_new_tokens": 12, **decoding})
+    return engine.generate(requests, params, ServingParams(batch_size=len(requests)))
 
 
 def test_hf_clocks_agree_with_the_streamer(hf_engine, monkeypatch) -> None:
@@ -96,9 +92,9 @@ def test_hf_clocks_agree_with_the_streamer(hf_engine, monkeypatch) -> None:
     streamer = ClockStreamer()
     generate = hf_engine.model.generate
     monkeypatch.setattr(hf_engine.model, "generate", lambda **kw: generate(**kw, streamer=streamer))
-    items = _loaded(1)
+    requests = _requests(1)
     submitted = time.perf_counter()
-    (completion,) = hf_engine.generate_batch(items, _decoding(max_new_tokens=12))
+    (completion,) = _generate(hf_engine, requests, max_new_tokens=12)
     timing = completion.timing
     token_times = streamer.times[1:]
     assert timing.output_tokens <= len(token_times)
@@ -114,17 +110,14 @@ def test_hf_output_tokens_stop_at_eos_and_match_an_independent_count(hf_engine) 
     """Counted tokens equal those of a plain generate call, cut at the first EOS."""
     import torch
 
-    from sweeper.prompt import vqa_messages
-
-    items = _loaded(3)
-    completions = hf_engine.generate_batch(items, _decoding(max_new_tokens=10))
-    processor = hf_engine.processor
+    requests = _requests(3)
+    completions = _generate(hf_engine, requests, max_new_tokens=10)
+    processor = hf_engine.chat.processor
     eos = hf_engine.model.generation_config.eos_token_id
-    for item, completion in zip(items, completions, strict=True):
-        text = processor.apply_chat_template(
-            vqa_messages(item.sample.question), add_generation_prompt=True
-        )
-        inputs = processor(text=[text], images=[item.image], return_tensors="pt")
+    for request, completion in zip(requests, completions, strict=True):
+        # transformers' own rendering and processing, not sweeper's
+        text = processor.apply_chat_template(request.messages, add_generation_prompt=True)
+        inputs = processor(text=[text], images=request.images, return_tensors="pt")
         with torch.inference_mode():
             out = hf_engine.model.generate(**inputs, max_new_tokens=10, do_sample=False)
         new = out[0, inputs["input_ids"].shape[1] :].tolist()
@@ -134,8 +127,8 @@ def test_hf_output_tokens_stop_at_eos_and_match_an_independent_count(hf_engine) 
 
 
 def test_num_samples_counts_every_returned_sequence(hf_engine) -> None:
-    completions = hf_engine.generate_batch(
-        _loaded(2), _decoding(temperature=1.0, num_samples=3, max_new_tokens=6)
+    completions = _generate(
+        hf_engine, _requests(2), temperature=1.0, num_samples=3, max_new_tokens=6
     )
     for completion in completions:
         assert len(completion.texts) == 3

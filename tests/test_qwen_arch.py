@@ -15,10 +15,11 @@ from PIL import Image
 
 from sweeper.models import has_weights, qwen_arch
 from sweeper.models.tiny import QWEN2_5_VL_SPECIAL_TOKENS
-from sweeper.prompt import vqa_messages
+from sweeper.tasks.base import qa_messages
 from tests.conftest import SMALL_QWEN_TEXT, SMALL_QWEN_VISION
 
-# The official rendering of vqa_messages("What is the shape?") by Qwen2.5-VL-7B-Instruct's template.
+# The official rendering of a question about an image ("What is the shape?", the VQA prompt) by
+# Qwen2.5-VL-7B-Instruct's template.
 OFFICIAL_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is the shape?\n"
@@ -75,7 +76,7 @@ def test_tokenizer_is_qwens(tokenizer):
 
 def test_chat_template_renders_the_official_prompt(tokenizer, processor):
     for system_prompt in (None, "You are a helpful assistant."):
-        messages = vqa_messages("What is the shape?", system_prompt=system_prompt)
+        messages = qa_messages("What is the shape?", system_prompt=system_prompt, image=True)
         assert processor.apply_chat_template(messages, add_generation_prompt=True) == (
             OFFICIAL_PROMPT
         )
@@ -130,7 +131,9 @@ def test_shrunk_folder_generates(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder)).eval()
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-    prompt = processor.apply_chat_template(vqa_messages("What is it?"), add_generation_prompt=True)
+    prompt = processor.apply_chat_template(
+        qa_messages("What is it?", image=True), add_generation_prompt=True
+    )
     image = Image.new("RGB", (640, 480), (10, 120, 60))
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     with torch.no_grad():

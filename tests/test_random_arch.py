@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from sweeper.config import ConfigError, TrialConfig, register_configs
 from sweeper.engines import ENGINE_CACHE
-from sweeper.engines.hf import HFEngine
+from sweeper.engines.hf.generation import cache_kwargs
 from sweeper.models import has_weights
 from sweeper.models.qwen_arch import build_qwen2_5_vl_arch
 from sweeper.trial import run_trial
@@ -75,12 +75,9 @@ def test_hf_initialises_random_weights_and_generates_exactly_max_new_tokens(arch
 
 
 def test_static_cache_is_sized_to_a_power_of_two() -> None:
-    cache_kwargs = HFEngine._cache_kwargs  # uses self only for compile_config
-    engine = HFEngine.__new__(HFEngine)
-    engine.compile_config = None
-    assert cache_kwargs(engine, "static", length=441 + 100)["max_cache_len"] == 1024
-    assert cache_kwargs(engine, "static", length=512)["max_cache_len"] == 512
-    assert "max_cache_len" not in cache_kwargs(engine, "dynamic", length=541)
+    assert cache_kwargs("static", None, length=441 + 100)["max_cache_len"] == 1024
+    assert cache_kwargs("static", None, length=512)["max_cache_len"] == 512
+    assert "max_cache_len" not in cache_kwargs("dynamic", None, length=541)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")

@@ -15,7 +15,7 @@ from PIL import Image
 
 import sweeper
 from sweeper.metrics.vqa import vqa_accuracy
-from sweeper.prompt import extract_answer, vqa_messages
+from sweeper.tasks.base import extract_answer, qa_messages
 
 CHECKPOINT = Path(sweeper.__file__).parent / "assets" / "tiny_vlm"
 N_QUESTIONS = 100
@@ -47,7 +47,7 @@ def accuracy(model, processor, questions, answers, images, batch_size: int = 50)
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
         text = [
-            processor.apply_chat_template(vqa_messages(q), add_generation_prompt=True)
+            processor.apply_chat_template(qa_messages(q, image=True), add_generation_prompt=True)
             for q in questions[chunk]
         ]
         inputs = processor(text=text, images=images[chunk], return_tensors="pt", padding=True)

@@ -28,17 +28,13 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from sweeper.cli import BadInput, preflight  # noqa: E402
 from sweeper.config import ConfigError, TrialConfig  # noqa: E402
-from sweeper.data import DataError, load_samples  # noqa: E402
-from sweeper.data.base import LoadedSample  # noqa: E402
-from sweeper.engines import (  # noqa: E402
-    ENGINE_CACHE,
-    Completion,
-    DecodingParams,
-    Engine,
-    engine_class,
-)
+from sweeper.data import DataError, prefetch  # noqa: E402
+from sweeper.engines import ENGINE_CACHE, Engine  # noqa: E402
 from sweeper.metrics import HEADLINE_METRICS  # noqa: E402
+from sweeper.requests import Completion, DecodingParams, Request, ServingParams  # noqa: E402
+from sweeper.tasks import task_class  # noqa: E402
 from sweeper.trial import run_trial  # noqa: E402
+from sweeper.workloads import build_workload  # noqa: E402
 from tests.conftest import REPO, run_cli  # noqa: E402
 
 # The trained tiny model once it exists (its answers mean something), else the random one.
@@ -64,19 +60,22 @@ def _trial(*overrides: str) -> TrialConfig:
 
 
 def _loaded(trial: TrialConfig) -> Engine:
-    options = engine_class(trial.engine.name).load_options(trial)
-    return ENGINE_CACHE.get(trial.engine, trial.model, options).engine
+    return ENGINE_CACHE.get(trial.engine, trial.model, trial.engine.load_options(trial)).engine
 
 
-def _items(trial: TrialConfig) -> list[LoadedSample]:
-    samples, _ = load_samples(trial.dataset)
-    return [LoadedSample(sample, sample.load_image(), 0.0) for sample in samples]
+def _requests(trial: TrialConfig) -> list[Request]:
+    """The trial's questions as its workload sends them."""
+    task = task_class(trial.dataset)(trial.dataset)
+    samples, _ = task.load()
+    workload = build_workload(trial, task, _loaded(trial))
+    return [workload.request(item) for item in prefetch(samples, 8)]
 
 
-def _completions(trial: TrialConfig, items: list[LoadedSample] | None = None) -> list[Completion]:
-    """The trial's questions (or `items`) answered by the engine the trial loads."""
-    items = _items(trial) if items is None else items
-    return _loaded(trial).run(items, DecodingParams.from_trial(trial), trial.batch_size)
+def _completions(trial: TrialConfig, requests: list[Request] | None = None) -> list[Completion]:
+    """The trial's questions (or `requests`) answered by the engine the trial loads."""
+    requests = _requests(trial) if requests is None else requests
+    decoding, serving = DecodingParams.from_trial(trial), ServingParams.from_trial(trial)
+    return _loaded(trial).run(requests, decoding, serving)
 
 
 def _texts(trial: TrialConfig) -> list[str]:
@@ -162,7 +161,7 @@ def test_beam_search_runs_through_vllm() -> None:
 
 def test_prompt_longer_than_max_model_len_is_a_clear_error() -> None:
     trial = _trial(*VLLM, "dataset.limit=1", "batch_size=1", f"system_prompt='{'red ' * 5000}'")
-    with pytest.raises(ConfigError, match=r"'engine.max_model_len'.*prompt length: question"):
+    with pytest.raises(ConfigError, match=r"'engine.max_model_len'.*prompt length: request"):
         run_trial(trial)
     # The engine stays usable: nothing of the refused batch is left in it.
     assert run_trial(_trial(*VLLM, "dataset.limit=2", "batch_size=2")).metrics["tps"] > 0
@@ -232,7 +231,7 @@ def llm_reference() -> list[Completion]:
 
 def _assert_like_reference(completions: list[Completion], reference: list[Completion]) -> None:
     """The same answers from the same prompt tokens, and timings that hold together."""
-    assert [c.question_id for c in completions] == [c.question_id for c in reference]
+    assert [c.request_id for c in completions] == [c.request_id for c in reference]
     assert [c.texts for c in completions] == [c.texts for c in reference]
     for ours, theirs in zip(completions, reference, strict=True):
         timing = ours.timing
@@ -263,28 +262,30 @@ def test_a_failing_request_leaves_the_async_engine_clean(
 ) -> None:
     trial = _trial(*ASYNC, *CONTINUOUS, *QUESTIONS)
     engine = _loaded(trial)
-    items = _items(trial)
+    requests = _requests(trial)
     unfinished = engine.frontend.llm.output_processor.get_num_unfinished_requests
 
     # A prompt longer than max_model_len in the middle of the run: its requests before and after
     # it are cancelled and aborted, and the error is the offline LLM's one line.
-    too_long = dataclasses.replace(items[8].sample, question="red " * 5000)
-    broken = [*items[:8], LoadedSample(too_long, items[8].image, 0.0), *items[9:]]
-    refused = rf"'engine.max_model_len'.*prompt length: question {too_long.question_id} "
-    with pytest.raises(ConfigError, match=refused):
+    long_text = {"type": "text", "text": "red " * 5000}
+    too_long = dataclasses.replace(
+        requests[8], id="long", messages=[{"role": "user", "content": [long_text]}], images=[]
+    )
+    broken = [*requests[:8], too_long, *requests[9:]]
+    with pytest.raises(ConfigError, match=r"'engine.max_model_len'.*prompt length: request long "):
         _completions(trial, broken)
     assert unfinished() == 0
 
-    # The samples iterator fails (a broken image) after some requests were submitted.
-    def failing() -> Iterator[LoadedSample]:
-        yield from items[:4]
+    # The requests iterator fails (a broken image) after some requests were submitted.
+    def failing() -> Iterator[Request]:
+        yield from requests[:4]
         raise DataError("broken image")
 
     with pytest.raises(DataError, match="broken image"):
-        engine.run(failing(), DecodingParams.from_trial(trial), trial.batch_size)
+        engine.run(failing(), DecodingParams.from_trial(trial), ServingParams.from_trial(trial))
     assert unfinished() == 0
 
-    _assert_like_reference(_completions(trial, items), llm_reference)
+    _assert_like_reference(_completions(trial, requests), llm_reference)
 
 
 def test_async_frontend_in_static_batches_with_two_renderer_workers(

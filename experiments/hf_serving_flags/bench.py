@@ -29,9 +29,9 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from sweeper.config import register_configs
-from sweeper.data import load_samples, prefetch
-from sweeper.engines.base import DecodingParams
+from sweeper.data import prefetch
 from sweeper.models.varied import build_varied_vlm
+from sweeper.requests import DecodingParams, ServingParams
 from sweeper.trial import TrialResult, run_trial
 
 
@@ -168,21 +168,27 @@ def image_blindness(model_overrides: list[str], limit: int = 32) -> str:
     """Why continuous batching is refused with images, measured: give it the image prompts (as
     the token ids it takes, the image reduced to its placeholder) and compare with `generate`
     given the pixels."""
-    from sweeper.engines.hf import HFEngine
+    from sweeper.engines import ENGINE_CACHE
     from sweeper.metrics import vqa_accuracy
-    from sweeper.models import resolve_model_path
-    from sweeper.prompt import extract_answer
+    from sweeper.tasks import task_class
+    from sweeper.tasks.base import extract_answer
+    from sweeper.workloads import build_workload
 
     trial = _trial(["engine.device=cpu", f"dataset.limit={limit}", *model_overrides])
-    engine = HFEngine(trial.engine, resolve_model_path(trial.model))
-    items = list(prefetch(load_samples(trial.dataset)[0], limit))
+    engine = ENGINE_CACHE.get(trial.engine, trial.model, {}).engine
+    task = task_class(trial.dataset)(trial.dataset)
+    samples, _ = task.load()
+    workload = build_workload(trial, task, engine)
+    items = list(prefetch(samples, limit))
+    requests = [workload.request(item) for item in items]
     greedy = DecodingParams.from_trial(trial)
-    blind_params = replace(greedy, continuous_batching=True)
-    seen = engine.run(items, greedy, 8)
-    blind = engine.run(items, blind_params, 8)
+    static, blind_params = ServingParams(8), ServingParams(8, continuous_batching=True)
+    seen = engine.run(requests, greedy, static)
+    blind = engine.run(requests, greedy, blind_params)
     # Every image replaced by the first: a model that saw the images would answer differently.
-    swapped = engine.run([replace(i, image=items[0].image) for i in items], blind_params, 8)
-    engine.close()
+    swapped = [replace(r, images=requests[0].images) for r in requests]
+    swapped = engine.run(swapped, greedy, blind_params)
+    ENGINE_CACHE.clear()
 
     def accuracy(completions) -> float:
         return statistics.mean(

@@ -1,4 +1,4 @@
-"""Stream the full OK-VQA replica through `load_samples` + `prefetch` (decode only, no model).
+"""Stream the full OK-VQA replica through the task's `load` + `prefetch` (decode only, no model).
 
 Reports images/s and whether host memory stays bounded: RSS after the first 100 samples against
 the peak over the whole stream (which must not grow with the dataset), plus anonymous RSS
@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweeper.config import OKVQAConfig, OKVQAHFConfig
-from sweeper.data import load_samples, prefetch
+from sweeper.data import prefetch
 from sweeper.data.okvqa import ANNOTATIONS_FILE, IMAGE_DIR, QUESTIONS_FILE, image_file_name
+from sweeper.tasks import task_class
+from sweeper.tasks.config import OKVQAConfig, OKVQAHFConfig
 
 MB = 1024 * 1024
 WARM_SAMPLES = 100  # the RSS baseline: after the first 100 samples, buffers and queue are full
@@ -102,7 +103,7 @@ class Result:
         return [
             ("layout", self.layout),
             ("samples streamed", str(self.samples)),
-            ("load_samples (parse + header checks)", f"{self.load_s:.1f} s"),
+            ("task load (parse + header checks)", f"{self.load_s:.1f} s"),
             ("stream wall time", f"{self.stream_s:.1f} s"),
             ("images/s", f"{self.samples / self.stream_s:.1f}"),
             ("decode per image (mean)", f"{self.decode_ms:.1f} ms"),
@@ -121,7 +122,7 @@ class Result:
 
 def bench(cfg: Any, layout: str, passes: int) -> Result:
     start = time.perf_counter()
-    samples, report = load_samples(cfg)
+    samples, report = task_class(cfg)(cfg).load()
     load_s = time.perf_counter() - start
     samples = samples * passes  # more passes: a longer stream, to see whether memory creeps
     rss_100 = anon_100 = rss_peak = anon_peak = 0

@@ -24,7 +24,7 @@ from PIL import Image
 from replica_samples import replica_samples
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-from sweeper.prompt import vqa_messages  # the prompt text sweeper sends, nothing else
+from sweeper.tasks.base import qa_messages  # the prompt text sweeper sends, nothing else
 
 
 def main() -> None:
@@ -64,7 +64,9 @@ def main() -> None:
             sync()
             start = time.perf_counter()
             image = Image.open(path).convert("RGB")
-            text = processor.apply_chat_template(vqa_messages(question), add_generation_prompt=True)
+            text = processor.apply_chat_template(
+                qa_messages(question, image=True), add_generation_prompt=True
+            )
             inputs = processor(text=[text], images=[image], return_tensors="pt").to(device)
             with torch.inference_mode():
                 output = model.generate(

@@ -22,7 +22,7 @@ from PIL import Image
 from replica_samples import replica_samples
 from transformers import AutoProcessor
 
-from sweeper.prompt import vqa_messages  # the prompt text sweeper sends, nothing else
+from sweeper.tasks.base import qa_messages  # the prompt text sweeper sends, nothing else
 
 
 def _load(path: Path) -> Image.Image:
@@ -50,7 +50,9 @@ def main() -> None:
         images = list(pool.map(_load, [path for _, path in samples]))
     prompts = [
         {
-            "prompt": processor.apply_chat_template(vqa_messages(q), add_generation_prompt=True),
+            "prompt": processor.apply_chat_template(
+                qa_messages(q, image=True), add_generation_prompt=True
+            ),
             "multi_modal_data": {"image": image},
         }
         for (q, _), image in zip(samples, images, strict=True)

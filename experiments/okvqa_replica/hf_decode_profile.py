@@ -64,12 +64,21 @@ import transformers
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sweeper.config import OKVQAConfig, TrialConfig, register_configs
-from sweeper.data import load_samples, prefetch
+from sweeper.config import TrialConfig, register_configs
+from sweeper.data import prefetch
 from sweeper.data.okvqa import ANNOTATIONS_FILE, IMAGE_DIR, QUESTIONS_FILE
-from sweeper.engines.base import DecodingParams
-from sweeper.engines.hf import HFEngine, static_cache_length
-from sweeper.engines.hf_graphed import GraphedDecoder, _Buffers
+from sweeper.engines.hf.accel.graphed import GraphedDecoder, _Buffers
+from sweeper.engines.hf.engine import HFEngine
+from sweeper.engines.hf.generation import static_cache_length
+from sweeper.engines.toolkit.chat import chat_prompts
+from sweeper.models.info import model_info
+from sweeper.requests import DecodingParams, ServingParams
+from sweeper.tasks.config import OKVQAConfig
+from sweeper.tasks.vqa import OKVQA
+from sweeper.workloads.config import WorkloadConfig
+from sweeper.workloads.workload import Workload
+
+STATIC = ServingParams(batch_size=1, kv_cache="static")
 
 LOOPS = ("pipelined", "synced")
 TOP_KERNELS = 25
@@ -113,16 +122,18 @@ class ProbeDecoder(GraphedDecoder):
         return marker
 
 
-def _one_sample(replica: Path):
-    """The replica's first question (file order), through sweeper's OK-VQA loader."""
+def _one_request(replica: Path):
+    """The replica's first question (file order) as sweeper's OK-VQA task and workload send it."""
     cfg = OKVQAConfig(
         questions_file=str(replica / QUESTIONS_FILE),
         annotations_file=str(replica / ANNOTATIONS_FILE),
         image_dir=str(replica / IMAGE_DIR),
         limit=1,
     )
-    samples, _ = load_samples(cfg)
-    return next(iter(prefetch(samples, 1)))
+    task = OKVQA(cfg)
+    samples, _ = task.load()
+    item = next(iter(prefetch(samples, 1)))
+    return Workload(WorkloadConfig(), task, None, None).request(item)
 
 
 def _first_difference(tokens: list[int], reference: list[int]) -> int:
@@ -131,7 +142,7 @@ def _first_difference(tokens: list[int], reference: list[int]) -> int:
 
 def _timed_decode(engine: HFEngine, probe: ProbeDecoder, inputs, images, decoding) -> dict:
     start = engine.now()
-    run, _ = engine._decode(inputs, images, decoding)
+    run, _ = engine._decode(inputs, images, decoding, STATIC)
     times = run.step_times
     n = len(times)
     tpot = (times[-1] - times[0]) / (n - 1) if n > 1 else float("nan")
@@ -166,7 +177,7 @@ def _profile(engine: HFEngine, probe: ProbeDecoder, inputs, images, decoding, cu
     with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
         probe.profiler = profiler
         try:
-            engine._decode(inputs, images, decoding)
+            engine._decode(inputs, images, decoding, STATIC)
         finally:
             probe.profiler = None
     totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # name -> calls, us
@@ -240,23 +251,15 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
 
     trial = _trial(args.device, args.override)
-    engine = HFEngine(trial.engine, str(args.model.expanduser()))
+    chat = chat_prompts(model_info(str(args.model.expanduser())))
+    engine = HFEngine(trial.engine, chat)
     probe = ProbeDecoder(engine.model, engine.compile_config.mode, engine.now)
     engine.graphed = probe  # engine._decode now decodes with the probe
-    decoding = DecodingParams(
-        beam_num=1,
-        max_new_tokens=args.tokens,
-        temperature=0.0,
-        top_k=0,
-        top_p=1.0,
-        num_samples=1,
-        seed=0,
-        ignore_eos=True,
-        kv_cache="static",
-    )
-    item = _one_sample(args.replica.expanduser())
+    decoding = DecodingParams(max_new_tokens=args.tokens, ignore_eos=True)
+    request = _one_request(args.replica.expanduser())
+    images = request.images
     with torch.inference_mode():
-        inputs, images = engine._inputs([item], decoding)
+        inputs = engine._inputs([request])
     prompt_tokens = inputs["input_ids"].shape[1]
     # What each step reads at least: every weight but the vision tower's.
     weights = [p for name, p in engine.model.named_parameters() if ".visual." not in f".{name}"]
@@ -272,7 +275,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "dtype": str(engine.model.dtype),
-        "question_id": item.sample.question_id,
+        "question_id": request.id,
         "prompt_tokens": prompt_tokens,
         "new_tokens": args.tokens,
         "cache_len": static_cache_length(prompt_tokens + args.tokens),

@@ -2,7 +2,7 @@
 
 The model is built by `sweeper.models.tiny.build_tiny_vlm` (random weights, BPE tokenizer and
 processor), trained on easy-VQA's train split with exactly the prompt the inference engines send
-(`sweeper.prompt.vqa_messages`, answer + `<|im_end|>` as target, loss on the answer tokens only),
+(`sweeper.tasks.base.qa_messages`, answer + `<|im_end|>` as target, loss on the answer tokens only),
 then reloaded from disk with `AutoProcessor` + `AutoModelForImageTextToText` and evaluated on all
 easy-VQA test questions through `model.generate` with left padding, as the engines call it.
 
@@ -32,7 +32,7 @@ from PIL import Image
 
 from sweeper.metrics.vqa import vqa_accuracy
 from sweeper.models.tiny import TinyVLMSpec, build_tiny_vlm
-from sweeper.prompt import extract_answer, vqa_messages
+from sweeper.tasks.base import extract_answer, qa_messages
 
 QUESTION_TYPES = ("colour", "shape", "yes/no")
 MAX_NEW_TOKENS = 8  # every easy-VQA answer is one token + <|im_end|>; slack shows rambling
@@ -134,7 +134,7 @@ class Data:
 
     def prompt(self, question: str) -> str:
         return self.processor.apply_chat_template(
-            vqa_messages(question), add_generation_prompt=True
+            qa_messages(question, image=True), add_generation_prompt=True
         )
 
     def _encode(self, model) -> Encoded:
@@ -362,7 +362,7 @@ def evaluate(checkpoint: Path, args: argparse.Namespace) -> dict:
             idx = range(s, min(s + args.eval_batch, len(questions)))
             text = [
                 processor.apply_chat_template(
-                    vqa_messages(questions[i]), add_generation_prompt=True
+                    qa_messages(questions[i], image=True), add_generation_prompt=True
                 )
                 for i in idx
             ]

@@ -15,7 +15,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 from hydra.core.utils import JobReturn, JobStatus
@@ -45,7 +44,7 @@ from hydra_plugins.sweeper_optuna._workers import (
     is_gone,
     this_worker,
 )
-from hydra_plugins.sweeper_optuna.config import SAMPLERS
+from hydra_plugins.sweeper_optuna.config import OptunaSweeperConf
 from sweeper.tracking.store import unreachable_reason
 
 # Study user attrs: trial numbers cut short by Ctrl-C or a crash (they do not count toward
@@ -56,24 +55,6 @@ OBJECTIVES_ATTR = "objectives"
 # of that configuration there have been (max_retry caps them).
 RETRY_ATTR = "retry_of"
 RETRIES_ATTR = "retries"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """hydra.sweeper, as plain values."""
-
-    sampler: str
-    n_trials: int
-    study_name: str | None
-    storage: str | None
-    seed: int | None
-    objectives: list[str]
-    constraints: list[str]
-    params: dict[str, Any]
-    n_jobs: int | None
-    heartbeat_interval: int
-    grace_period: int | None
-    max_retry: int
 
 
 @dataclass(frozen=True)
@@ -100,17 +81,9 @@ def study_folder(config: DictConfig) -> Path:
     return Path(*resolved[:stable]).resolve() if stable else Path.cwd()
 
 
-def plan_study(settings: Settings, config: DictConfig, arguments: list[str]) -> StudyPlan:
+def plan_study(settings: OptunaSweeperConf, config: DictConfig, arguments: list[str]) -> StudyPlan:
     """Everything checked before a study is opened or a model loaded (errors are one line)."""
-    if settings.sampler not in SAMPLERS:
-        raise StudyError(f"unknown sampler '{settings.sampler}' (allowed: {', '.join(SAMPLERS)})")
-    _check_at_least("n_trials", settings.n_trials, 1)
-    _check_at_least("heartbeat_interval", settings.heartbeat_interval, 1)
-    _check_at_least("max_retry", settings.max_retry, 0)
-    if settings.n_jobs is not None:
-        _check_at_least("n_jobs", settings.n_jobs, 1)
-    if settings.grace_period is not None:
-        _check_at_least("grace_period", settings.grace_period, settings.heartbeat_interval + 1)
+    settings.check()
     space = parse_space(settings.params, arguments, settings.sampler)
     objectives = parse_objectives(settings.objectives)
     constraints = [parse_constraint(text) for text in settings.constraints]
@@ -126,13 +99,6 @@ def plan_study(settings: Settings, config: DictConfig, arguments: list[str]) -> 
     return StudyPlan(space, objectives, constraints, name, storage, n_trials, n_jobs)
 
 
-def _check_at_least(key: str, value: int, least: int) -> None:
-    if value < least:
-        raise StudyError(
-            f"invalid value for 'hydra.sweeper.{key}': {value} (allowed: an integer >= {least})"
-        )
-
-
 def launcher_jobs(config: DictConfig) -> int:
     """The launcher's parallel jobs: joblib's n_jobs (-1: every CPU, -2: all but one, ...);
     1 for a launcher without one (basic)."""
@@ -142,7 +108,7 @@ def launcher_jobs(config: DictConfig) -> int:
     return jobs if jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + jobs)
 
 
-def _open_study(plan: StudyPlan, settings: Settings, storage: RDBStorage) -> optuna.Study:
+def _open_study(plan: StudyPlan, settings: OptunaSweeperConf, storage: RDBStorage) -> optuna.Study:
     """Create the study or load it (under the lock: workers starting together get one study)."""
     sampler = make_sampler(settings.sampler, settings.seed, plan.space)
     directions = [o.direction for o in plan.objectives]
@@ -217,7 +183,7 @@ class StudyWorker:
         study: optuna.Study,
         storage: RDBStorage,
         plan: StudyPlan,
-        settings: Settings,
+        settings: OptunaSweeperConf,
         lock: StudyLock,
         tracking: StudyTracking,
         stale: list[FrozenTrial],
@@ -370,7 +336,7 @@ def _print_best(study: optuna.Study, best: list[FrozenTrial], plan: StudyPlan) -
 
 
 def run_study(
-    settings: Settings, config: DictConfig, launcher: Launcher, arguments: list[str]
+    settings: OptunaSweeperConf, config: DictConfig, launcher: Launcher, arguments: list[str]
 ) -> list[JobReturn]:
     plan = plan_study(settings, config, arguments)
     problem = unreachable_reason(str(config.tracking.uri))

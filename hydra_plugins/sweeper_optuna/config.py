@@ -11,6 +11,8 @@ SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 
 @dataclass
 class OptunaSweeperConf:
+    """hydra.sweeper: the schema Hydra composes, and the settings the sweep runs with."""
+
     _target_: str = "hydra_plugins.sweeper_optuna.sweeper.OptunaSweeper"
 
     # One of SAMPLERS. grid needs every parameter discrete (choice or range).
@@ -48,6 +50,22 @@ class OptunaSweeperConf:
     # key: Hydra sweep syntax, as Hydra's Optuna sweeper reads it: interval(0.1, 1.0),
     # int(interval(1, 8)), range(1, 5), choice(true, false), tag(log, interval(...)).
     params: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """The settings' own ranges, once, before a study is opened (one line each)."""
+        from hydra_plugins.sweeper_optuna._errors import StudyError
+
+        if self.sampler not in SAMPLERS:
+            raise StudyError(f"unknown sampler '{self.sampler}' (allowed: {', '.join(SAMPLERS)})")
+        least = {"n_trials": 1, "heartbeat_interval": 1, "max_retry": 0, "n_jobs": 1}
+        least["grace_period"] = self.heartbeat_interval + 1
+        for key, minimum in least.items():
+            value = getattr(self, key)
+            if value is not None and value < minimum:
+                raise StudyError(
+                    f"invalid value for 'hydra.sweeper.{key}': {value} "
+                    f"(allowed: an integer >= {minimum})"
+                )
 
 
 ConfigStore.instance().store(

@@ -34,11 +34,13 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from hydra_plugins.sweeper_optuna._errors import StudyError
-        from hydra_plugins.sweeper_optuna._run import Settings, run_study
+        from hydra_plugins.sweeper_optuna._run import run_study
+        from hydra_plugins.sweeper_optuna.config import OptunaSweeperConf
 
         assert self.config is not None, "Hydra calls setup() before sweep()"
+        settings = OptunaSweeperConf(**self.settings)
         try:
-            return run_study(Settings(**self.settings), self.config, self.launcher, arguments)
+            return run_study(settings, self.config, self.launcher, arguments)
         except StudyError as error:
             # Exit here: Hydra would add a line about HYDRA_FULL_ERROR to any exception.
             print(error, file=sys.stderr)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from sweeper.config import ConfigError
+from sweeper.config import ConfigError, looks_like_local_path
 
 
 class ModelClass(StrEnum):
@@ -44,6 +44,23 @@ def _config_error(path: str, error: Exception) -> ConfigError:
     return ConfigError("model.path", path, f"a model whose config loads: {where}: {detail}")
 
 
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the model hub cannot be reached (None: it answers). Checked before a download, which
+    would retry for half a minute and print a line per try."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+    except OSError as error:
+        return f"{endpoint.hostname} is unreachable ({error.strerror or error})"
+    return None
+
+
 @functools.cache
 def model_info(path: str) -> ModelInfo:
     """The model at `path` (a local folder or a hub id), from its config alone."""
@@ -53,9 +70,21 @@ def model_info(path: str) -> ModelInfo:
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
+    local = looks_like_local_path(path)
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        # A hub id: its cached copy first, so an offline machine that has it needs no hub.
+        config = AutoConfig.from_pretrained(path, local_files_only=not local)
+    except OSError:
+        if local or (why := _hub_unreachable()) is None:
+            try:
+                config = AutoConfig.from_pretrained(path)
+            except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+                raise _config_error(path, error) from None
+        else:
+            raise ConfigError(
+                "model.path", path, f"a local model folder, or a hub id the hub serves: {why}"
+            ) from None
+    except (ValueError, KeyError, json.JSONDecodeError) as error:
         raise _config_error(path, error) from None
     model_type = config.model_type
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:

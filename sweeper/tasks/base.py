@@ -30,6 +30,31 @@ def extract_answer(text: str) -> str:
     return line[:-1].rstrip() if line.endswith(".") else line
 
 
+def qa_messages(
+    question: str,
+    history: Sequence[tuple[str, str]] = (),
+    system_prompt: str | None = None,
+    reasoning: bool = False,
+    image: bool = False,
+) -> list[dict]:
+    """Chat turns asking `question` after the (question, answer) turns of `history`, for a
+    short answer (or a reasoning path ending in one); `image`: an image part opens the first
+    question."""
+    instruction = REASONING_INSTRUCTION if reasoning else ANSWER_INSTRUCTION
+    questions = [asked for asked, _ in history] + [question]
+    messages: list[dict] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    picture = [{"type": "image"}] if image else []
+    text = {"type": "text", "text": f"{questions[0]}\n{instruction}"}
+    messages.append({"role": "user", "content": [*picture, text]})
+    for (_, answer), asked in zip(history, questions[1:], strict=True):
+        messages.append({"role": "assistant", "content": answer})
+        text = {"type": "text", "text": f"{asked}\n{instruction}"}
+        messages.append({"role": "user", "content": [text]})
+    return messages
+
+
 class Task(ABC):
     """Questions with reference answers, asked for a short answer (or a reasoning path ending in
     one); a completion's answer is its sequences' majority vote."""
@@ -56,23 +81,8 @@ class Task(ABC):
     ) -> list[dict]:
         """The chat for `sample` after the (question, answer) turns of `history`; the image part
         (when the task has images and `image`) opens the first question."""
-        instruction = REASONING_INSTRUCTION if reasoning else ANSWER_INSTRUCTION
-        questions = [question for question, _ in history] + [sample.question]
-        messages: list[dict] = []
-        if system_prompt:
-            messages.append({"role": "system", "content": system_prompt})
-        picture = [{"type": "image"}] if image and self.takes_images else []
-        messages.append(
-            {
-                "role": "user",
-                "content": [*picture, {"type": "text", "text": f"{questions[0]}\n{instruction}"}],
-            }
-        )
-        for (_, answer), question in zip(history, questions[1:], strict=True):
-            messages.append({"role": "assistant", "content": answer})
-            text = f"{question}\n{instruction}"
-            messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
-        return messages
+        picture = image and self.takes_images
+        return qa_messages(sample.question, history, system_prompt, reasoning, picture)
 
     @staticmethod
     def answer(completion: Completion) -> str:

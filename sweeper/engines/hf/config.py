@@ -15,10 +15,10 @@ from sweeper.models.info import ModelInfo
 
 class Attention(StrEnum):
     sdpa = "sdpa"
-    eager = "eager"
     # sdpa with the few KV heads shared inside the kernel instead of copied once per query head
     # (sweeper/engines/hf/accel/attention.py)
     sdpa_gqa = "sdpa_gqa"
+    eager = "eager"
 
 
 class DecodeLoop(StrEnum):
