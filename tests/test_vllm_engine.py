@@ -83,6 +83,14 @@ def _texts(trial: TrialConfig) -> list[str]:
     return [text for completion in _completions(trial) for text in completion.texts]
 
 
+def _assert_ttft_is_vllms_plus_submission(metrics: dict[str, float]) -> None:
+    """Requests submitted one by one: ttft_s = vLLM's TTFT (its histogram's mean, from its
+    arrival stamp) + the wait from sweeper's submission to that stamp (rendering and tokenizing
+    the chat), which lies inside the request's preprocess_s."""
+    gap = metrics["ttft_s"] - metrics["vllm_ttft_s"]
+    assert 0 <= gap <= metrics["preprocess_s"], metrics
+
+
 def _assert_six_metrics(metrics: dict[str, float]) -> None:
     for name in HEADLINE_METRICS:
         assert math.isfinite(metrics[name]), (name, metrics)
@@ -192,9 +200,9 @@ def test_continuous_batching_schedules_batch_size_and_ttft_matches_vllm() -> Non
     _assert_six_metrics(result.metrics)
     scheduler = _loaded(trial).frontend.vllm_config.scheduler_config
     assert scheduler.max_num_seqs == 8
-    # Every request is submitted on its own here, so ttft_s is vLLM's own TTFT.
-    ours, vllms = result.metrics["ttft_s"], result.metrics["vllm_ttft_s"]
-    assert abs(ours - vllms) <= 0.05 * vllms, (ours, vllms)
+    # Every request is submitted on its own here, so ttft_s is vLLM's own TTFT plus the time
+    # from sweeper taking the request up to vLLM's arrival stamp, inside its preprocessing.
+    _assert_ttft_is_vllms_plus_submission(result.metrics)
 
 
 @pytest.mark.skipif(
@@ -251,10 +259,9 @@ def test_async_frontend_answers_as_the_llm_frontend_under_continuous_batching(
     result = run_trial(_trial(*ASYNC, *CONTINUOUS, "dataset.limit=24"))
     _assert_six_metrics(result.metrics)
     assert result.tags["vllm_frontend"] == "async"
-    # Each request is submitted on its own, so ttft_s is vLLM's own TTFT (its histogram is
-    # filled by AsyncLLM's Prometheus logger).
-    ours, vllms = result.metrics["ttft_s"], result.metrics["vllm_ttft_s"]
-    assert abs(ours - vllms) <= 0.05 * vllms, (ours, vllms)
+    # Each request is submitted on its own (vLLM's histogram is filled by AsyncLLM's Prometheus
+    # logger).
+    _assert_ttft_is_vllms_plus_submission(result.metrics)
 
 
 def test_a_failing_request_leaves_the_async_engine_clean(

@@ -72,11 +72,16 @@ class ChatPrompts:
 
         self.info = info
         self.processor: Any = None
-        if info.takes_images:
-            self.processor = AutoProcessor.from_pretrained(info.path)
-            self.tokenizer = self.processor.tokenizer
-        else:  # a text-only folder: AutoProcessor would be the tokenizer itself
-            self.tokenizer = AutoTokenizer.from_pretrained(info.path)
+        try:
+            if info.takes_images:
+                self.processor = AutoProcessor.from_pretrained(info.path)
+                self.tokenizer = self.processor.tokenizer
+            else:  # a text-only folder: AutoProcessor would be the tokenizer itself
+                self.tokenizer = AutoTokenizer.from_pretrained(info.path)
+        except ImportError as error:  # a processor's optional package (e.g. num2words)
+            first = str(error).strip().splitlines()[0]
+            allowed = f"a model whose processor loads: {first}"
+            raise ConfigError("model.path", info.path, allowed) from None
         self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         self.template, self.template_source = self._template(chat_template)
         self.content_as_parts = iterates_content(self.template)
