@@ -36,6 +36,7 @@ class ZooEntry:
     builder: Callable[[], Recipe]
     release: str  # the checkpoint whose files the folder imitates
     template_writes_bos: bool  # as the release's template does
+    extras: tuple[str, ...] = ()  # modules the processor needs beyond sweeper's dependencies
 
     @property
     def auto_model(self):
@@ -49,15 +50,11 @@ class ZooEntry:
         return getattr(transformers, name)
 
 
-def _entry(name, model_type, auto_class, takes_images, builder, release, writes_bos):
-    return ZooEntry(name, model_type, auto_class, takes_images, builder, release, writes_bos)
-
-
 _ITT, _LM = IMAGE_TEXT_TO_TEXT, CAUSAL_LM
 REGISTRY: dict[str, ZooEntry] = {
     e.name: e
     for e in (
-        _entry(
+        ZooEntry(
             "qwen2_5_vl",
             "qwen2_5_vl",
             _ITT,
@@ -66,7 +63,7 @@ REGISTRY: dict[str, ZooEntry] = {
             "Qwen/Qwen2.5-VL-7B-Instruct",
             False,
         ),
-        _entry(
+        ZooEntry(
             "qwen2_vl",
             "qwen2_vl",
             _ITT,
@@ -75,7 +72,7 @@ REGISTRY: dict[str, ZooEntry] = {
             "Qwen/Qwen2-VL-7B-Instruct",
             False,
         ),
-        _entry(
+        ZooEntry(
             "qwen3_vl",
             "qwen3_vl",
             _ITT,
@@ -84,9 +81,9 @@ REGISTRY: dict[str, ZooEntry] = {
             "Qwen/Qwen3-VL-8B-Instruct",
             False,
         ),
-        _entry("gemma3", "gemma3", _ITT, True, zoo_others.gemma3, "google/gemma-3-4b-it", True),
-        _entry("llava", "llava", _ITT, True, zoo_others.llava, "llava-hf/llava-1.5-7b-hf", False),
-        _entry(
+        ZooEntry("gemma3", "gemma3", _ITT, True, zoo_others.gemma3, "google/gemma-3-4b-it", True),
+        ZooEntry("llava", "llava", _ITT, True, zoo_others.llava, "llava-hf/llava-1.5-7b-hf", False),
+        ZooEntry(
             "llava_onevision",
             "llava_onevision",
             _ITT,
@@ -95,7 +92,7 @@ REGISTRY: dict[str, ZooEntry] = {
             "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
             False,
         ),
-        _entry(
+        ZooEntry(
             "idefics3",
             "idefics3",
             _ITT,
@@ -104,7 +101,7 @@ REGISTRY: dict[str, ZooEntry] = {
             "HuggingFaceM4/Idefics3-8B-Llama3",
             True,
         ),
-        _entry(
+        ZooEntry(
             "smolvlm",
             "smolvlm",
             _ITT,
@@ -112,8 +109,9 @@ REGISTRY: dict[str, ZooEntry] = {
             zoo_others.smolvlm,
             "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
             True,
+            extras=("num2words",),  # SmolVLMProcessor refuses to start without it
         ),
-        _entry(
+        ZooEntry(
             "internvl",
             "internvl",
             _ITT,
@@ -122,7 +120,7 @@ REGISTRY: dict[str, ZooEntry] = {
             "OpenGVLab/InternVL3-1B-hf",
             False,
         ),
-        _entry(
+        ZooEntry(
             "mllama",
             "mllama",
             _ITT,
@@ -131,7 +129,7 @@ REGISTRY: dict[str, ZooEntry] = {
             "meta-llama/Llama-3.2-11B-Vision-Instruct",
             True,
         ),
-        _entry(
+        ZooEntry(
             "paligemma",
             "paligemma",
             _ITT,
@@ -140,7 +138,7 @@ REGISTRY: dict[str, ZooEntry] = {
             "google/paligemma-3b-mix-224",
             False,
         ),
-        _entry(
+        ZooEntry(
             "phi4_multimodal",
             "phi4_multimodal",
             _LM,
@@ -149,7 +147,7 @@ REGISTRY: dict[str, ZooEntry] = {
             "microsoft/Phi-4-multimodal-instruct",
             False,
         ),
-        _entry(
+        ZooEntry(
             "qwen2_5_text",
             "qwen2",
             _LM,
@@ -158,7 +156,7 @@ REGISTRY: dict[str, ZooEntry] = {
             "Qwen/Qwen2.5-0.5B-Instruct",
             False,
         ),
-        _entry(
+        ZooEntry(
             "llama3_2_text",
             "llama",
             _LM,
@@ -181,7 +179,14 @@ def fingerprint(name: str) -> str:
 
 def build_zoo_model(name: str, out_dir: str | Path) -> Path:
     """Write the complete folder of zoo model `name` into `out_dir`."""
+    import importlib.util
+
     entry = REGISTRY[name]
+    missing = [m for m in entry.extras if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"zoo model {name} needs {', '.join(missing)}: pip install {' '.join(missing)}"
+        )
     recipe = entry.builder()
     if recipe.config.model_type != entry.model_type:
         raise AssertionError(f"{name}: built {recipe.config.model_type}, not {entry.model_type}")

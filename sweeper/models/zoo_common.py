@@ -177,6 +177,31 @@ class Recipe:
     chat_template: str | None
     template_in: str  # "processor", "tokenizer", "both" or "none": where the release keeps it
     tokenizer_template: str | None = None  # tokenizer_config.json's, where it differs (Phi-4)
+    # Regex renames from the weight names transformers saves to the release's, where they differ.
+    weight_renames: tuple[tuple[str, str], ...] = ()
+
+
+# transformers 5.19 drops the `vision_model.` level of CLIP/SigLIP towers when it loads a
+# LLaVA-style checkpoint but does not put it back when it saves one; the releases (and vLLM) have
+# `vision_tower.vision_model.*`.
+CLIP_TOWER_NAMES = ((r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),)
+
+
+def rename_weights(path: Path, renames: tuple[tuple[str, str], ...]) -> None:
+    import re
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+        tensors = {}
+        for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+            new = key
+            for pattern, replacement in renames:
+                new = re.sub(pattern, replacement, new)
+            tensors[new] = f.get_tensor(key)
+    save_file(tensors, path, metadata=metadata)
 
 
 def write_folder(recipe: Recipe, auto_class: str, out: Path, provenance: dict) -> Path:
@@ -196,6 +221,8 @@ def write_folder(recipe: Recipe, auto_class: str, out: Path, provenance: dict) -
     model = auto.from_config(recipe.config, dtype=torch.float32)
     model.generation_config = GenerationConfig(**recipe.generation)
     model.save_pretrained(out)
+    if recipe.weight_renames:
+        rename_weights(out / "model.safetensors", recipe.weight_renames)
 
     recipe.tokenizer.chat_template = None
     if recipe.processor is None:

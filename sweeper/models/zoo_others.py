@@ -8,6 +8,7 @@ from sweeper.models import zoo_templates as templates
 from sweeper.models.zoo_common import (
     CLIP_MEAN,
     CLIP_STD,
+    CLIP_TOWER_NAMES,
     HALF,
     SIGLIP,
     TEXT,
@@ -19,6 +20,9 @@ from sweeper.models.zoo_common import (
 )
 
 GEMMA_LEADING = ("<pad>", "<eos>", "<bos>", "<unk>")
+# Gemma's vocabulary has runs of newlines as single pieces (vLLM's Gemma 3 and PaliGemma code looks
+# "\n" and "\n\n" up by their text); a byte-level BPE spells them "Ċ", so they are added as such.
+GEMMA_NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
 # Idefics3/SmolVLM image-splitting tags, named as the processors write them.
 GRID_TAGS = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)) + (
     "<global-img>",
@@ -33,6 +37,7 @@ def gemma3() -> Recipe:
     tokenizer = build_tokenizer(
         TokenizerSpec(
             leading=GEMMA_LEADING + ("<mask>", "[multimodal]"),
+            plain=GEMMA_NEWLINES,
             trailing=(
                 "<start_of_turn>",
                 "<end_of_turn>",
@@ -99,7 +104,15 @@ def gemma3() -> Recipe:
         "top_k": 64,
         "top_p": 0.95,
     }
-    return Recipe(config, tokenizer, processor, generation, templates.GEMMA3, "both")
+    return Recipe(
+        config,
+        tokenizer,
+        processor,
+        generation,
+        templates.GEMMA3,
+        "both",
+        weight_renames=CLIP_TOWER_NAMES,
+    )
 
 
 def paligemma() -> Recipe:
@@ -113,7 +126,7 @@ def paligemma() -> Recipe:
         TokenizerSpec(
             leading=GEMMA_LEADING,
             trailing=("<image>",),
-            plain=locations + segments,
+            plain=GEMMA_NEWLINES + locations + segments,
             bos="<bos>",
             eos="<eos>",
             pad="<pad>",
@@ -150,7 +163,9 @@ def paligemma() -> Recipe:
     )
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
-    return Recipe(config, tokenizer, processor, generation, None, "none")
+    return Recipe(
+        config, tokenizer, processor, generation, None, "none", weight_renames=CLIP_TOWER_NAMES
+    )
 
 
 def llava() -> Recipe:
@@ -209,7 +224,15 @@ def llava() -> Recipe:
         num_additional_image_tokens=1,
     )
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
-    return Recipe(config, tokenizer, processor, generation, templates.LLAVA_1_5, "processor")
+    return Recipe(
+        config,
+        tokenizer,
+        processor,
+        generation,
+        templates.LLAVA_1_5,
+        "processor",
+        weight_renames=CLIP_TOWER_NAMES,
+    )
 
 
 def smolvlm() -> Recipe:

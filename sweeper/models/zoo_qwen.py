@@ -9,7 +9,14 @@ generation_config values (token ids in the zoo vocabulary, sampling defaults as 
 from __future__ import annotations
 
 from sweeper.models import zoo_templates as templates
-from sweeper.models.zoo_common import TEXT, Recipe, TokenizerSpec, build_tokenizer, ids
+from sweeper.models.zoo_common import (
+    CLIP_TOWER_NAMES,
+    TEXT,
+    Recipe,
+    TokenizerSpec,
+    build_tokenizer,
+    ids,
+)
 
 # Qwen2.5's added tokens in the released order; from <tool_call> on they are not special.
 QWEN_SPECIAL = (
@@ -313,7 +320,15 @@ def llava_onevision() -> Recipe:
         vision_feature_select_strategy="full",
     )
     generation = {"bos_token_id": endoftext, "eos_token_id": im_end, "pad_token_id": endoftext}
-    return Recipe(config, tokenizer, processor, generation, templates.LLAVA_ONEVISION, "processor")
+    return Recipe(
+        config,
+        tokenizer,
+        processor,
+        generation,
+        templates.LLAVA_ONEVISION,
+        "processor",
+        weight_renames=CLIP_TOWER_NAMES,
+    )
 
 
 def qwen2_5_text() -> Recipe:
