@@ -46,7 +46,7 @@ QWEN3_VL = (
     "{%- set image_count = namespace(value=0) %}\n"
     "{%- set video_count = namespace(value=0) %}\n"
     "{%- for message in messages %}\n"
-    '    {%- if message.role == "user" or (message.role == "system" and not loop.first) %}\n'
+    '    {%- if message.role == "user" %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
     "        {%- if message.content is string %}\n"
     "            {{- message.content }}\n"
