@@ -2,7 +2,8 @@
 
 Each folder is what `from_pretrained` expects of the released checkpoint, shrunk so the engines run
 it on two CPU cores: config.json of the real config class (2 text layers, a 2-layer vision tower,
-images of a handful to a few dozen tokens), seeded random weights in safetensors,
+images of a handful to a few dozen tokens, Phi-4-multimodal's ~545 as its processor hard-codes
+448 px crops), seeded random weights in safetensors,
 generation_config.json with the release's EOS ids, a fast tokenizer with the release's special
 tokens under their names, the real processor class with tiny image sizes and a chat template
 shaped like the release's, kept where the release keeps it (processor, tokenizer, both, none).
@@ -170,8 +171,11 @@ REGISTRY: dict[str, ZooEntry] = {
 
 
 def fingerprint(name: str) -> str:
-    """Short hash of what decides a folder's content: the zoo's source and the entry's name."""
-    digest = hashlib.sha256(name.encode())
+    """Short hash of what decides a folder's content: the zoo's source, the entry's name and the
+    transformers version that writes the files."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(f"{name} transformers=={version('transformers')}".encode())
     for path in sorted(Path(__file__).parent.glob("zoo*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
