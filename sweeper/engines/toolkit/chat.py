@@ -18,6 +18,7 @@ processor call gets the same `add_special_tokens`, so every engine sends the sam
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ def iterates_content(template: str) -> bool:
             for n in [node, *node.find_all((nodes.Getitem, nodes.Getattr, nodes.Name))]
         )
 
-    tree = jinja2.Environment().parse(template)
+    # transformers' `{% generation %}` blocks (assistant masks) wrap text, never loop over it.
+    plain = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
+    tree = jinja2.Environment().parse(plain)
     return any(names_content(loop.iter) for loop in tree.find_all(nodes.For))
 
 
@@ -83,6 +86,8 @@ class ChatPrompts:
             allowed = f"a model whose processor loads: {first}"
             raise ConfigError("model.path", info.path, allowed) from None
         self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+        if self.tokenizer.pad_token is None:  # Llama 3 ships none; padding is masked anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.template, self.template_source = self._template(chat_template)
         self.content_as_parts = iterates_content(self.template)
         # What a string-content template gets for an image part: the processor's placeholder.
@@ -107,8 +112,7 @@ class ChatPrompts:
 
     @property
     def pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.tokenizer.eos_token_id
+        return self.tokenizer.pad_token_id
 
     def _as_template_reads(self, messages: list[dict]) -> list[dict]:
         if self.content_as_parts:
