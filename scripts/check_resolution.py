@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,7 @@ SHOWN = (
 
 def compile_(requirements: list[str], python: str, workdir: Path) -> tuple[dict[str, str], str]:
     """name -> version, or ({}, the resolver's message)."""
+    workdir.mkdir(parents=True)
     source = workdir / "requirements.in"
     source.write_text("\n".join(requirements) + "\n")
     result = subprocess.run(
@@ -83,6 +85,7 @@ def pip_dry_run(requirements: list[str], workdir: Path) -> tuple[dict[str, str],
     env = {key: value for key, value in os.environ.items() if not key.startswith("PIP_")}
     # No configuration file at all (the machine's /etc/xdg/pip caps torch and adds local indexes).
     env |= {"PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    workdir.mkdir(parents=True)
     report = workdir / "report.json"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
@@ -102,15 +105,28 @@ def show(pins: dict[str, str]) -> str:
     return " ".join(f"{name} {pins[name]}" for name in SHOWN if name in pins)
 
 
+def timed(function, *args):
+    started = time.monotonic()
+    pins, error = function(*args)
+    return pins, error, time.monotonic() - started
+
+
 def main() -> int:
+    here = ".".join(map(str, sys.version_info[:2]))
     failures = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(8) as pool:
         workdir = Path(tmp)
-        here = ".".join(map(str, sys.version_info[:2]))
+        # Every case at once: each waits on the network, not on the 2 cores.
+        pip_case = pool.submit(timed, pip_dry_run, [SWEEPER, "vllm"], workdir / "pip")
+        cases = {
+            (python, name): pool.submit(
+                timed, compile_, requirements, python, workdir / f"{python}-{i}"
+            )
+            for python in PYTHONS
+            for i, (name, requirements) in enumerate((CASES | CONFLICT).items())
+        }
         print(f"== pip install sweeper vllm: pip's dry run, Linux x86_64, Python {here}")
-        started = time.monotonic()
-        pip_pins, error = pip_dry_run([SWEEPER, "vllm"], workdir)
-        took = time.monotonic() - started
+        pip_pins, error, took = pip_case.result()
         if error:
             failures.append(f"pip install sweeper vllm does not resolve:\n{error}")
             print(f"  {'sweeper vllm':18} DOES NOT RESOLVE ({took:.0f} s)", flush=True)
@@ -118,19 +134,15 @@ def main() -> int:
             print(f"  {'sweeper vllm':18} {show(pip_pins)} ({took:.0f} s)", flush=True)
         for python in PYTHONS:
             print(f"== Linux x86_64 (manylinux_2_35) GPU host, Python {python}", flush=True)
-            resolved = {}
-            for name, requirements in CASES.items():
-                started = time.monotonic()
-                pins, error = compile_(requirements, python, workdir)
-                took = time.monotonic() - started
+            resolved = {"sweeper vllm (pip)": pip_pins} if python == here else {}
+            for name in CASES:
+                pins, error, took = cases[python, name].result()
                 if error:
                     failures.append(f"{name} (Python {python}) does not resolve:\n{error}")
                     print(f"  {name:18} DOES NOT RESOLVE ({took:.0f} s)", flush=True)
                     continue
                 resolved[name] = pins
                 print(f"  {name:18} {show(pins)} ({took:.0f} s)", flush=True)
-            if python == here:
-                resolved["sweeper vllm (pip)"] = pip_pins
             for package, case in (("vllm", "sweeper vllm (pip)"), ("vllm", "sweeper[vllm]"),
                                   ("sglang", "sweeper[sglang]")):  # fmt: skip
                 alone = resolved.get(f"{package} alone", {}).get(package)
@@ -140,8 +152,8 @@ def main() -> int:
                         f"{case} (Python {python}) gets {package} {with_sweeper}, "
                         f"{package} alone resolves to {alone}: sweeper holds it back"
                     )
-            for name, requirements in CONFLICT.items():
-                pins, error = compile_(requirements, python, workdir)
+            for name in CONFLICT:
+                pins, error, _ = cases[python, name].result()
                 outcome = show(pins) if pins else "does not resolve (expected: one extra per env)"
                 print(f"  {name:18} {outcome}", flush=True)
     for failure in failures:
