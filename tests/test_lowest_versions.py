@@ -7,6 +7,8 @@ beside them, are this environment's own (a .pth file puts its site-packages afte
 own), because the machine caps torch at the build in its local wheel cache and a second copy
 would take about 5 GB. So torch and torchvision run at the constrained versions here, not at
 their lower bounds (2.11 / 0.26: the pair vLLM 0.26 runs on the lent GPU hosts).
+
+Needs PyPI (uv resolves and downloads there); about a minute with uv's cache warm.
 """
 
 from __future__ import annotations
