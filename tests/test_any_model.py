@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -102,23 +102,22 @@ def test_vllm_runs_a_trial_with_the_prompt_ids_hf_sends(name: str) -> None:
 
 def test_hf_static_and_continuous_batching_tokenize_alike(items) -> None:
     """A template that writes BOS (Gemma 3): the static path's processor call and the token ids
-    continuous batching (and vLLM) get are the same, with one BOS."""
+    continuous batching (and vLLM) get are the same, with one BOS; with an image too."""
     from sweeper.engines.hf.config import HFEngineConfig
     from tests.conftest import load_engine
 
     engine = load_engine(HFEngineConfig(device="cpu"), cached_zoo_model("gemma3"))
+    chat = engine.chat
+    bos = chat.tokenizer.bos_token_id
     try:
-        chat, text_only = engine.chat, [item for item in items]
-        for request in text_only:
-            text = chat.text(request.messages)
-            static = engine._inputs([request])["input_ids"][0].tolist()
-            assert chat.token_ids(text) != static or not request.images
-        bos = chat.tokenizer.bos_token_id
-        for request in text_only:
-            plain = request.__class__(request.id, [_text_only(m) for m in request.messages])
-            text = chat.text(plain.messages)
-            static = engine._inputs([plain])["input_ids"][0].tolist()
-            assert static == chat.token_ids(text)
+        for request in items:
+            with_image = engine._inputs([request])["input_ids"][0].tolist()
+            assert with_image.count(bos) == 1 and with_image[0] == bos
+            text_only = replace(
+                request, messages=[_text_only(m) for m in request.messages], images=[]
+            )
+            static = engine._inputs([text_only])["input_ids"][0].tolist()
+            assert static == chat.token_ids(chat.text(text_only.messages))
             assert static.count(bos) == 1 and static[0] == bos
     finally:
         engine.close()
@@ -194,7 +193,3 @@ def test_the_chat_template_comes_from_the_model_else_the_user_else_an_adapter(tm
     chat = ChatPrompts(model_info(str(bare)), str(template))
     assert chat.template_source == "model.chat_template" and not chat.content_as_parts
     assert chat.text([{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"
-
-
-def _zoo_folder(name: str) -> Path:
-    return cached_zoo_model(name)

