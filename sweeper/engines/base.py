@@ -67,14 +67,26 @@ class Engine(ABC):
         serving: ServingParams,
         on_done: OnDone | None = None,
     ) -> list[Completion]:
-        """Answer every request: static batches of `serving.batch_size`, each started when the
-        previous one is done (an engine with continuous batching overrides this)."""
+        """Answer every request: under continuous batching as the engine schedules them, else in
+        static batches of `serving.batch_size`, each started when the previous one is done."""
+        if serving.continuous_batching:
+            return self.run_continuous(requests, decoding, serving, on_done)
         completions: list[Completion] = []
         for batch in batches(requests, serving.batch_size):
             completions.extend(self.generate(batch, decoding, serving))
             if on_done is not None:
                 on_done(len(batch))
         return completions
+
+    def run_continuous(
+        self,
+        requests: Iterable[Request],
+        decoding: DecodingParams,
+        serving: ServingParams,
+        on_done: OnDone | None,
+    ) -> list[Completion]:
+        """Every request submitted as it comes, at most `serving.batch_size` running at once."""
+        raise NotImplementedError(f"{type(self).__name__} has no continuous batching")
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` in the model's tokenizer (workload=shared_prefix sizes its system

@@ -150,6 +150,7 @@ class HFEngine(Engine):
     def generate(
         self, requests: list[Request], decoding: DecodingParams, serving: ServingParams
     ) -> list[Completion]:
+        self.continuous.stop()  # gives generate back the model's own attention
         submitted = self.now()
         inputs = self._inputs(requests)
         ready = self.now()
@@ -230,28 +231,17 @@ class HFEngine(Engine):
         tokens = output[:, prompt_len:].tolist()
         return DecodeRun(tokens, prefill_clock.prefill_done, token_clock.step_times), cached
 
-    def run(
+    @torch.inference_mode()
+    def run_continuous(
         self,
         requests: Iterable[Request],
-        decoding: DecodingParams,
-        serving: ServingParams,
-        on_done: OnDone | None = None,
-    ) -> list[Completion]:
-        if not serving.continuous_batching:
-            self.continuous.stop()  # gives generate back the model's own attention
-            return super().run(requests, decoding, serving, on_done)
-        return self._run_continuous(list(requests), decoding, serving, on_done)
-
-    @torch.inference_mode()
-    def _run_continuous(
-        self,
-        requests: list[Request],
         decoding: DecodingParams,
         serving: ServingParams,
         on_done: OnDone | None,
     ) -> list[Completion]:
         """Every request submitted at once to transformers' continuous batching, at most
         `batch_size` running at a time; each is answered as soon as it is done."""
+        requests = list(requests)
         if not requests:
             return []
         submitted = self.now()

@@ -214,7 +214,6 @@ class VLLMEngineConfig(EngineConfig):
         continuous = trial.continuous_batching
         return {
             "prefix_caching": trial.prefix_caching,
-            "continuous_batching": continuous,
             "max_num_seqs": (
                 trial.batch_size * trial.num_samples if continuous else self.max_num_seqs
             ),

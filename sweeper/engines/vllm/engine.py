@@ -91,6 +91,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -139,7 +140,6 @@ class VLLMEngine(Engine):
         chat: ChatPrompts,
         *,
         prefix_caching: bool,
-        continuous_batching: bool,
         max_num_seqs: int,
     ):
         # Quiet by default, as the CLI keeps other libraries (VLLM_LOGGING_LEVEL=INFO shows all);
@@ -150,7 +150,6 @@ class VLLMEngine(Engine):
         self.device = current_platform.device_type  # the config's check matched engine.device
         self.chat = chat
         self.frontend_name = str(engine_cfg.frontend)
-        self.continuous_batching = continuous_batching
         kv_cache_gb = engine_cfg.kv_cache_space_gb
         if kv_cache_gb is None and self.device == "cpu":
             kv_cache_gb = CPU_KV_CACHE_GB
@@ -343,17 +342,17 @@ class VLLMEngine(Engine):
         except VLLMValidationError as error:
             raise self._too_long(error, "a request of the batch") from None
 
-    def run(
+    def run_continuous(
         self,
         requests: Iterable[Request],
         decoding: DecodingParams,
         serving: ServingParams,
-        on_done: OnDone | None = None,
+        on_done: OnDone | None,
     ) -> list[Completion]:
-        """Static batches, or with continuous batching every request at once (batch_size is then
-        the scheduler's max_num_seqs, fixed at load; batch_size 1 runs one request at a time)."""
-        if not self.continuous_batching or serving.batch_size == 1:
-            return super().run(requests, decoding, serving, on_done)
+        """Every request at once (batch_size is the scheduler's max_num_seqs, fixed at load);
+        batch_size 1 (the calibration's reference) runs one request at a time."""
+        if serving.batch_size == 1:
+            return super().run(requests, decoding, replace(serving, continuous_batching=False))
         completions = self._generate(requests, decoding, None)
         if on_done is not None:
             on_done(len(completions))
