@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +31,21 @@ def has_weights(path: str) -> bool:
     if not folder.is_dir():
         return True
     return any(next(folder.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS)
+
+
+def cached_build(target: Path, build: Callable[[Path], Any]) -> Path:
+    """`target`, built by `build(folder)` on first use. Each process builds into a partial folder
+    of its own and renames it atomically: concurrent workers (one per GPU) never see a
+    half-written folder nor write into each other's."""
+    if (target / "config.json").exists():
+        return target
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another worker renamed its build first: keep that one
+        shutil.rmtree(tmp)
+        if not (target / "config.json").exists():
+            raise
+    return target

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sweeper.models import cached_build
 from sweeper.models.tiny import QWEN2_5_VL_SPECIAL_TOKENS, media_token_ids
 
 if TYPE_CHECKING:
@@ -230,16 +229,4 @@ def build_qwen2_5_vl_arch(
 def cached_qwen2_5_vl_7b_arch(cache_dir: str | Path) -> Path:
     """The 7B architecture folder, built on first use and cached by the builder's fingerprint."""
     target = Path(cache_dir).expanduser() / f"qwen2_5_vl_7b_arch-{fingerprint()}"
-    if (target / "config.json").exists():
-        return target
-    # One partial folder per process, renamed atomically: concurrent workers (one per GPU) never
-    # see a half-written folder nor write into each other's.
-    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    build_qwen2_5_vl_arch(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another worker renamed its build first: keep that one
-        shutil.rmtree(tmp)
-        if not (target / "config.json").exists():
-            raise
-    return target
+    return cached_build(target, build_qwen2_5_vl_arch)

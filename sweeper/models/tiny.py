@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sweeper.models import cached_build
 from sweeper.tasks.base import ANSWER_INSTRUCTION
 
 # Qwen2.5-VL's special tokens in their official order (ids 151643-151664 in the real vocabulary).
@@ -227,9 +228,4 @@ def cached_tiny_vlm(cache_dir: str | Path, spec: TinyVLMSpec | None = None) -> P
     """Path of the tiny model for `spec`, built on first use and cached by its fingerprint."""
     spec = spec or TinyVLMSpec()
     target = Path(cache_dir).expanduser() / f"tiny-qwen2_5_vl-{spec.fingerprint()}"
-    if (target / "config.json").exists():
-        return target
-    tmp = target.with_name(target.name + ".partial")
-    build_tiny_vlm(tmp, spec)
-    tmp.rename(target)  # atomic: concurrent workers never see a half-written model
-    return target
+    return cached_build(target, lambda folder: build_tiny_vlm(folder, spec))

@@ -16,13 +16,11 @@ Nothing is downloaded: the vocabulary is a small BPE trained on easy-VQA's text.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeper.models import zoo_llama, zoo_others, zoo_qwen
+from sweeper.models import cached_build, zoo_llama, zoo_others, zoo_qwen
 from sweeper.models.zoo_common import CAUSAL_LM, IMAGE_TEXT_TO_TEXT, Recipe, write_folder
 
 DEFAULT_CACHE = "~/.cache/sweeper/models"
@@ -210,20 +208,7 @@ def cached_zoo_model(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> Path:
     if name not in REGISTRY:
         raise KeyError(f"no zoo model {name!r}; known: {', '.join(REGISTRY)}")
     target = Path(cache_dir).expanduser() / f"zoo-{name}-{fingerprint(name)}"
-    if (target / "config.json").exists():
-        return target
-    # One partial folder per process, renamed atomically: concurrent workers never see a
-    # half-written folder nor write into each other's.
-    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_zoo_model(name, tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another worker renamed its build first: keep that one
-        shutil.rmtree(tmp)
-        if not (target / "config.json").exists():
-            raise
-    return target
+    return cached_build(target, lambda folder: build_zoo_model(name, folder))
 
 
 def zoo_names(*, images: bool | None = None) -> list[str]:

@@ -9,6 +9,7 @@ generation_config values (token ids in the zoo vocabulary, sampling defaults as 
 from __future__ import annotations
 
 from sweeper.models import zoo_templates as templates
+from sweeper.models.tiny import QWEN2_5_VL_SPECIAL_TOKENS
 from sweeper.models.zoo_common import (
     CLIP_TOWER_NAMES,
     TEXT,
@@ -19,32 +20,9 @@ from sweeper.models.zoo_common import (
 )
 
 # Qwen2.5's added tokens in the released order; from <tool_call> on they are not special.
-QWEN_SPECIAL = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-QWEN_PLAIN = (
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
-)
+_TOOL_CALL = QWEN2_5_VL_SPECIAL_TOKENS.index("<tool_call>")
+QWEN_SPECIAL = tuple(QWEN2_5_VL_SPECIAL_TOKENS[:_TOOL_CALL])
+QWEN_PLAIN = tuple(QWEN2_5_VL_SPECIAL_TOKENS[_TOOL_CALL:])
 QWEN3_PLAIN = QWEN_PLAIN + ("<tool_response>", "</tool_response>", "<think>", "</think>")
 
 

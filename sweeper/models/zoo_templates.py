@@ -6,24 +6,10 @@ literal BOS string. Qwen's, LLaVA's, InternVL's and Phi-4's write none.
 
 from __future__ import annotations
 
-# Qwen/Qwen2.5-VL-7B-Instruct chat_template.json (the same as sweeper.models.qwen_arch's).
-QWEN2_5_VL = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from sweeper.models.qwen_arch import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
+
+# Qwen/Qwen2.5-VL-7B-Instruct's chat template, as the 7B architecture folder has it.
+QWEN2_5_VL = QWEN_CHAT_TEMPLATE
 
 # Qwen2-VL-7B-Instruct ships the same template as Qwen2.5-VL.
 QWEN2_VL = QWEN2_5_VL
