@@ -210,7 +210,9 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
         print(f"sweeper: trial '{name}' failed: {type(error).__name__}: {error}", file=sys.stderr)
         return None
     if multirun:
-        headline = ", ".join(f"{k}={result.metrics[k]:.4g}" for k in HEADLINE_METRICS)
+        headline = ", ".join(
+            f"{k}={result.metrics[k]:.4g}" for k in HEADLINE_METRICS if k in result.metrics
+        )
         print(f"[{name}] {headline}")
     else:
         show(trial_table(f"sweeper trial: {name}", result.metrics))

@@ -12,6 +12,7 @@ allowed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -165,9 +166,14 @@ class TrialConfig:
     def __post_init__(self) -> None:
         check(self.beam_num >= 1, "beam_num", self.beam_num, "an integer >= 1")
         if self.budget_gb is not None:
-            check(self.budget_gb > 0, "budget_gb", self.budget_gb, "a number of GiB > 0")
+            check(0 < self.budget_gb < math.inf, "budget_gb", self.budget_gb, "a number of GiB > 0")
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
+        check(
+            0 <= self.temperature < math.inf,
+            "temperature",
+            self.temperature,
+            "a finite number >= 0",
+        )
         check(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
         check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")

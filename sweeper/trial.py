@@ -151,8 +151,9 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
 
     # By id: a sample whose image fails to decode (on_error=skip) has no completion.
     by_id: dict[str, Sample] = {sample.question_id: sample for sample in samples}
-    predictions = [task.record(by_id[c.request_id], c) for c in completions]
-    metrics.update(task.aggregate(predictions))
+    predictions = [task.record(by_id[c.request_id], c, workload.reasoning) for c in completions]
+    if not trial.ignore_eos:
+        metrics.update(task.aggregate(predictions))
     metrics["num_samples_measured"] = float(len(completions))
     metrics["skipped_samples"] = float(len(data_report.skipped))
 
@@ -169,6 +170,9 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
         **data_report.tags,
         **engine.tags(),
     }
+    tags["accuracy_metric"] = task.metric
+    if trial.ignore_eos:  # the engines' texts run on past the answer, each engine differently
+        tags["accuracy_metric"] = "not logged: ignore_eos=true generates past EOS"
     if trial.model.random_weights:
         tags["random_weights"] = "random weights: accuracy is meaningless"
     skipped = [asdict(s) for s in data_report.skipped]

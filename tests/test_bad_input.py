@@ -15,7 +15,10 @@ from tests.conftest import run_cli
     [
         ("beam_num=0", "beam_num", "an integer >= 1"),
         ("max_new_tokens=0", "max_new_tokens", "an integer >= 1"),
-        ("temperature=-0.5", "temperature", "a number >= 0"),
+        ("temperature=-0.5", "temperature", "a finite number >= 0"),
+        ("temperature=inf", "temperature", "a finite number >= 0"),
+        ("budget_gb=inf", "budget_gb", "a number of GiB > 0"),
+        ("budget_gb=nan", "budget_gb", "a number of GiB > 0"),
         ("top_k=-1", "top_k", "an integer >= 0"),
         ("top_p=0", "top_p", "a number in (0, 1]"),
         ("top_p=1.5", "top_p", "a number in (0, 1]"),

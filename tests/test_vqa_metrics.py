@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from sweeper.metrics.vqa import exact_match, majority_vote, normalize_answer, vqa_accuracy
+from sweeper.metrics.vqa import majority_vote, normalize_answer, top_answer_match, vqa_accuracy
 
 
 @pytest.mark.parametrize(
@@ -66,33 +66,35 @@ def test_vqa_accuracy_rejects_empty_answers() -> None:
         vqa_accuracy("yes", [])
 
 
-def test_exact_match() -> None:
+def test_top_answer_match() -> None:
     answers = ["dog"] * 6 + ["cat"] * 4
-    assert exact_match("The dog.", answers) == 1.0
-    assert exact_match("cat", answers) == 0.0
-    assert exact_match("two", ["2"]) == 1.0
-    assert exact_match("bird", answers) == 0.0
+    assert top_answer_match("The dog.", answers) == 1.0
+    assert top_answer_match("cat", answers) == 0.0
+    assert top_answer_match("two", ["2"]) == 1.0
+    assert top_answer_match("bird", answers) == 0.0
 
 
-def test_exact_match_accepts_any_tied_answer() -> None:
+def test_top_answer_match_accepts_any_tied_answer() -> None:
     answers = ["red", "blue", "red", "blue", "green"]
-    assert exact_match("red", answers) == 1.0
-    assert exact_match("Blue!", answers) == 1.0
-    assert exact_match("green", answers) == 0.0
+    assert top_answer_match("red", answers) == 1.0
+    assert top_answer_match("Blue!", answers) == 1.0
+    assert top_answer_match("green", answers) == 0.0
 
 
-def test_exact_match_rejects_empty_answers() -> None:
+def test_top_answer_match_rejects_empty_answers() -> None:
     with pytest.raises(ValueError, match="at least one"):
-        exact_match("yes", [])
+        top_answer_match("yes", [])
 
 
 def test_majority_vote() -> None:
-    assert majority_vote(["Yes", "no", "yes."]) == "yes"
-    assert majority_vote(["two", "2", "3"]) == "2"
+    # The winning group's first member, as written: it is normalised when scored.
+    assert majority_vote(["Yes", "no", "yes."]) == "Yes"
+    assert majority_vote(["two", "2", "3"]) == "two"
 
 
 def test_majority_vote_tie_goes_to_first_occurrence() -> None:
     assert majority_vote(["cat", "dog", "Dog", "the cat"]) == "cat"
+    assert majority_vote(["The Dog", "cat", "dog", "Cat"]) == "The Dog"
     assert majority_vote(["dog", "cat"]) == "dog"
     assert majority_vote(["b", "a", "a", "b"]) == "b"
 

@@ -1,6 +1,12 @@
 """Metric definitions: VQA accuracy, performance summaries, peak memory. One place for each."""
 
-from sweeper.metrics.vqa import exact_match, majority_vote, normalize_answer, vqa_accuracy
+from sweeper.metrics.vqa import (
+    majority_vote,
+    normalize_answer,
+    official_vqa_accuracy,
+    top_answer_match,
+    vqa_accuracy,
+)
 
 # The six metrics every trial logs, in the order tables show them.
 HEADLINE_METRICS = (
@@ -12,4 +18,11 @@ HEADLINE_METRICS = (
     "accuracy",
 )
 
-__all__ = ["HEADLINE_METRICS", "exact_match", "majority_vote", "normalize_answer", "vqa_accuracy"]
+__all__ = [
+    "HEADLINE_METRICS",
+    "majority_vote",
+    "normalize_answer",
+    "official_vqa_accuracy",
+    "top_answer_match",
+    "vqa_accuracy",
+]

@@ -1,15 +1,22 @@
-"""VQA answer normalisation and the VQA soft-accuracy metric.
+"""VQA answer normalisation and VQA soft accuracy, in the two variants people report.
 
-Normalisation follows lmms-eval's ``EvalAIAnswerProcessor.__call__`` (the MMF/EvalAI processor
-that lmms-eval applies to VQAv2 and OK-VQA predictions): lowercase, drop commas and ``?``, split
-off ``'s``, then the official VQA ``processPunctuation`` and ``processDigitArticle`` steps
-(number words to digits, articles dropped, contractions restored), quirks included.
+`vqa_accuracy` is lmms-eval's OK-VQA / VQAv2 accuracy (`ok_vqa_process_results`): the raw
+prediction and every human answer go through the EvalAI answer processor (MMF's, which lmms-eval
+copies: `EvalAIAnswerProcessor.__call__`) once - lowercase, drop commas and ``?``, split off
+``'s``, then the official ``processPunctuation`` and ``processDigitArticle`` steps (number words to
+digits, articles dropped, contractions restored), quirks included - then each human i scores
+min(1, matches among the other humans / 3) and these are averaged.
 
-Unlike the official VQA evaluator (GT-Vision-Lab ``vqaEval.py``), every human answer gets the
-same full normalisation as the prediction, always. The official code normalises the prediction
-but gives human answers only ``processPunctuation``, and only when they disagree with each other;
-the LAVIS-style copy whose loop lmms-eval keeps also skips the prediction when the humans agree,
-so there a raw "Two" against ten "2" scores 0. Here it scores 1.
+`official_vqa_accuracy` is the GT-Vision-Lab evaluator's (VQA/vqa/vqaEval.py, the Python 3 one,
+which LAVIS ships too): the prediction gets ``processPunctuation`` and ``processDigitArticle``
+only (no EvalAI step: "1,000" keeps its comma handling, "What's" its case until the digit step),
+and human answers get ``processPunctuation`` alone, and only when they disagree with each other.
+So "Two" against ten "2" scores 1 in both; "the dog" against ten "the dog" scores 0 officially
+(the prediction loses its article, the agreeing humans keep theirs) and 1 in lmms-eval.
+
+The normaliser is not idempotent ("whats" -> "what's" -> "what 's"): a prediction is normalised
+exactly once, when it is scored. tests/test_vqa_reference.py checks both variants against the
+reference code on generated cases.
 """
 
 import re
@@ -205,25 +212,42 @@ def _require_answers(answers: Sequence[str]) -> None:
         raise ValueError("answers must hold at least one human answer")
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA soft accuracy in [0, 1]: mean over humans i of min(1, #other humans agreeing / 3).
-
-    A single answer stands for ten identical human answers, so it scores 1.0 on a match, else 0.0.
-    """
-    _require_answers(answers)
-    pred = normalize_answer(prediction)
-    gts = [normalize_answer(a) for a in answers]
-    if len(gts) == 1:
-        gts *= 10
-    matches = [gt == pred for gt in gts]
+def _soft_accuracy(prediction: str, answers: list[str]) -> float:
+    """Mean over humans i of min(1, #other humans whose answer is the prediction / 3). A single
+    answer (easy-VQA) stands for ten identical human answers: 1.0 on a match, else 0.0."""
+    if len(answers) == 1:
+        answers = answers * 10
+    matches = [answer == prediction for answer in answers]
     total = sum(matches)
     # Leave-one-out: human i's own answer never counts towards its agreement.
     per_human = [min(1.0, (total - own) / 3) for own in matches]
     return sum(per_human) / len(per_human)
 
 
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 if the prediction equals a most common human answer (after normalisation), else 0.0."""
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """lmms-eval's VQA accuracy in [0, 1] of a raw prediction (normalised here, once)."""
+    _require_answers(answers)
+    return _soft_accuracy(normalize_answer(prediction), [normalize_answer(a) for a in answers])
+
+
+def official_prediction(prediction: str) -> str:
+    """A raw prediction as the GT-Vision-Lab evaluator compares it."""
+    pred = prediction.replace("\n", " ").replace("\t", " ").strip()
+    return _process_digit_article(_process_punctuation(pred))
+
+
+def official_vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The GT-Vision-Lab evaluator's VQA accuracy in [0, 1] of a raw prediction."""
+    _require_answers(answers)
+    pred = official_prediction(prediction)
+    gts = list(answers)
+    if len(set(gts)) > 1:
+        gts = [_process_punctuation(answer) for answer in gts]
+    return _soft_accuracy(pred, gts)
+
+
+def top_answer_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the prediction equals a most common human answer (both normalised), else 0.0."""
     _require_answers(answers)
     counts = Counter(normalize_answer(a) for a in answers)
     top = max(counts.values())
@@ -231,9 +255,12 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 def majority_vote(predictions: Sequence[str]) -> str:
-    """The most common normalised prediction; ties go to the one that occurs first."""
+    """The prediction of the largest group of predictions equal once normalised (ties: the group
+    met first), as it was written: it is normalised when it is scored."""
     if not predictions:
         raise ValueError("majority_vote needs at least one prediction")
-    counts = Counter(normalize_answer(p) for p in predictions)
+    keys = [normalize_answer(p) for p in predictions]
+    counts = Counter(keys)
     # Counter keeps first-occurrence order and max() returns the first maximum it meets.
-    return max(counts, key=counts.__getitem__)
+    winner = max(counts, key=counts.__getitem__)
+    return predictions[keys.index(winner)]

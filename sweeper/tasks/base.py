@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from sweeper.data import LoadReport, Sample, load_samples
-from sweeper.metrics import majority_vote, normalize_answer
+from sweeper.metrics import majority_vote
 from sweeper.requests import Completion
 
 ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -21,8 +21,8 @@ _ANSWER_PREFIX = "answer:"
 
 
 def extract_answer(text: str) -> str:
-    """The answer in a generated text: what follows its last 'Answer:' (a reasoning path), else
-    its first line; without surrounding space or a final '.'."""
+    """The answer of a reasoning path: what follows its last 'Answer:', else the text; its first
+    line, without surrounding space or a final '.'."""
     at = text.lower().rfind(_ANSWER_PREFIX)
     if at >= 0:
         text = text[at + len(_ANSWER_PREFIX) :]
@@ -57,11 +57,14 @@ def qa_messages(
 
 class Task(ABC):
     """Questions with reference answers, asked for a short answer (or a reasoning path ending in
-    one); a completion's answer is its sequences' majority vote."""
+    one). A sequence's answer is its text as generated, as lmms-eval scores it (a reasoning
+    path's: what follows its last 'Answer:'); a completion's is its sequences' majority vote."""
 
     takes_images: ClassVar[bool] = False
     # The keys `score` returns; `score` is the headline one, logged as `accuracy`.
     scores: ClassVar[tuple[str, ...]] = ("score",)
+    # Which accuracy `score` is, for the run's `accuracy_metric` tag.
+    metric: ClassVar[str]
     # Reads the dataset's files into samples; bad samples go to the report.
     source: ClassVar[Callable[[Any, LoadReport], list[Sample]]]
 
@@ -85,24 +88,33 @@ class Task(ABC):
         return qa_messages(sample.question, history, system_prompt, reasoning, picture)
 
     @staticmethod
-    def answer(completion: Completion) -> str:
-        """The completion's answer: its one sequence's, or the majority of its sequences'."""
-        answers = [extract_answer(text) for text in completion.texts]
-        return majority_vote(answers) if len(answers) > 1 else normalize_answer(answers[0])
+    def answer(completion: Completion, reasoning: bool = False) -> str:
+        """The completion's answer, as generated: its one sequence's, or the majority's."""
+        answers = [extract_answer(t) if reasoning else t for t in completion.texts]
+        return majority_vote(answers) if len(answers) > 1 else answers[0]
 
     @abstractmethod
-    def score(self, prediction: str, answers: list[str]) -> dict[str, float]:
-        """The prediction's scores against the sample's answers, by the names in `scores`."""
+    def score(self, answer: str, answers: list[str]) -> dict[str, float]:
+        """The raw answer's scores against the sample's answers, by the names in `scores`."""
 
-    def record(self, sample: Sample, completion: Completion) -> dict[str, Any]:
-        """One row of the trial's predictions table."""
-        prediction = self.answer(completion)
+    @abstractmethod
+    def normalize(self, answer: str) -> str:
+        """The answer as the score compares it (for the predictions table)."""
+
+    def record(
+        self, sample: Sample, completion: Completion, reasoning: bool = False
+    ) -> dict[str, Any]:
+        """One row of the trial's predictions table: enough to rescore the run with any
+        scorer (the raw outputs, the answer taken from them, the human answers)."""
+        answer = self.answer(completion, reasoning)
         return {
             "question_id": sample.question_id,
             "question": sample.question,
-            "prediction": prediction,
-            "answers": sample.answers,
-            **self.score(prediction, sample.answers),
+            "outputs": completion.texts,
+            "answer": answer,
+            "prediction": self.normalize(answer),
+            "answers": list(sample.answers),
+            **self.score(answer, sample.answers),
             "ttft_s": completion.timing.ttft_s,
             "output_tokens": completion.timing.output_tokens,
         }

@@ -23,6 +23,13 @@ class Split(StrEnum):
     test = "test"
 
 
+class VQAScoring(StrEnum):
+    """Which VQA accuracy `accuracy` is (sweeper/metrics/vqa.py says how they differ)."""
+
+    lmms_eval = "lmms_eval"  # lmms-eval's OK-VQA/VQAv2 scoring: the EvalAI processor on all
+    official = "official"  # the GT-Vision-Lab evaluator (vqaEval.py)
+
+
 @dataclass
 class DatasetConfig:
     name: str = MISSING
@@ -39,7 +46,14 @@ class DatasetConfig:
 
 
 @dataclass
-class EasyVQAConfig(DatasetConfig):
+class VQADatasetConfig(DatasetConfig):
+    """What every VQA dataset has: how its answers are scored."""
+
+    scoring: VQAScoring = VQAScoring.lmms_eval
+
+
+@dataclass
+class EasyVQAConfig(VQADatasetConfig):
     """easy-VQA (shipped by the easy-vqa package): 64x64 shapes, one answer per question."""
 
     name: str = "easy_vqa"
@@ -49,12 +63,14 @@ class EasyVQAConfig(DatasetConfig):
 
 
 @dataclass
-class EasyVQATextConfig(EasyVQAConfig):
+class EasyVQATextConfig(DatasetConfig):
     """easy-VQA's questions without their images: a text prompt set with reference answers (for
     text-only models; the answers are about images the model never sees)."""
 
     name: str = "easy_vqa_text"
     _target_: str = "sweeper.tasks.text.EasyVQAText"
+    split: Split = Split.test
+    limit: int | None = 200
 
 
 @dataclass
@@ -71,7 +87,7 @@ class TextJSONLConfig(DatasetConfig):
 
 
 @dataclass
-class OKVQABaseConfig(DatasetConfig):
+class OKVQABaseConfig(VQADatasetConfig):
     """What both OK-VQA layouts share: the optional filter on the annotated question type."""
 
     question_types: list[str] | None = None  # e.g. [one, eight]; null keeps every type

@@ -12,9 +12,13 @@ from sweeper.tasks.base import Task
 
 class TextTask(Task):
     takes_images = False
+    metric = "exact match after VQA answer normalisation, any reference answer"
 
-    def score(self, prediction: str, answers: list[str]) -> dict[str, float]:
-        return {"score": float(prediction in {normalize_answer(a) for a in answers})}
+    def score(self, answer: str, answers: list[str]) -> dict[str, float]:
+        return {"score": float(normalize_answer(answer) in {normalize_answer(a) for a in answers})}
+
+    def normalize(self, answer: str) -> str:
+        return normalize_answer(answer)
 
 
 class EasyVQAText(TextTask):

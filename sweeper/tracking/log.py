@@ -17,6 +17,5 @@ def log_result(result: Any, resolved_config_yaml: str, log_predictions: bool = T
     if result.skipped:  # the metric skipped_samples counts them; this says which and why
         mlflow.log_dict({"skipped_samples": result.skipped}, "skipped_samples.json")
     if log_predictions and result.predictions:
-        table = pd.DataFrame(result.predictions)
-        table["answers"] = table["answers"].map(lambda answers: " | ".join(answers))
-        mlflow.log_table(table, artifact_file="predictions.json")
+        # Raw outputs and the human answers as lists: any scorer can rescore the run from it.
+        mlflow.log_table(pd.DataFrame(result.predictions), artifact_file="predictions.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -83,7 +84,7 @@ class VLLMEngineConfig(EngineConfig):
     def __post_init__(self) -> None:
         if self.mm_processor_cache_gb is not None:
             check(
-                self.mm_processor_cache_gb >= 0,
+                0 <= self.mm_processor_cache_gb < math.inf,
                 "engine.mm_processor_cache_gb",
                 self.mm_processor_cache_gb,
                 "null or a number of GiB >= 0 (0 turns the cache off)",
@@ -114,7 +115,7 @@ class VLLMEngineConfig(EngineConfig):
         check(self.max_num_seqs >= 1, "engine.max_num_seqs", self.max_num_seqs, "an integer >= 1")
         if self.kv_cache_space_gb is not None:
             check(
-                self.kv_cache_space_gb > 0,
+                0 < self.kv_cache_space_gb < math.inf,
                 "engine.kv_cache_space_gb",
                 self.kv_cache_space_gb,
                 "null or a number of GiB > 0",
