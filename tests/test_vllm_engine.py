@@ -205,6 +205,25 @@ def test_continuous_batching_schedules_batch_size_and_ttft_matches_vllm() -> Non
     _assert_ttft_is_vllms_plus_submission(result.metrics)
 
 
+@pytest.mark.parametrize("frontend", ["llm", "async"])
+def test_a_static_batch_reaches_the_engine_as_one_batch(frontend: str) -> None:
+    """Every request of a static batch is queued in the engine core before any is scheduled
+    (vLLM's own timestamps), and waits for the whole batch's preprocessing, as in engine=hf."""
+    trial = _trial(*VLLM, f"engine.frontend={frontend}", "dataset.limit=8", "batch_size=8")
+    engine = _loaded(trial)
+    requests = _requests(trial)
+    submissions = list(engine._submissions(requests, time.time()))
+    params = engine._sampling_params(DecodingParams.from_trial(trial))
+    done = engine.frontend.run(iter(submissions), params, together=True)
+    stats = [output.metrics for _, output in done]
+    assert max(s.queued_ts for s in stats) <= min(s.scheduled_ts for s in stats), stats
+    waited = {round(s.preprocess_s - s.request.prepare_s, 6) for s in submissions}
+    assert len(waited) == 1 and waited.pop() > 0
+    assert (
+        engine.tags()["vllm_batch_handover"] == "scheduling paused while the batch is handed over"
+    )
+
+
 @pytest.mark.skipif(
     not torch.cpu._is_avx512_supported() and not torch.cpu._is_amx_tile_supported(),
     reason="vLLM's CPU backend keeps an fp8 KV cache only with AVX-512 or AMX",

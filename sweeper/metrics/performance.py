@@ -1,15 +1,24 @@
 """The performance metrics every engine reports, defined once.
 
-Per request (one question; with num_samples > 1, all its sequences):
-- `preprocess_s`: image decode + processor (chat template, image patches, tokens). Decoding runs
-  ahead in a prefetch thread; its time is still the sample's own.
-- `prefill_s`: from model inputs ready until the logits of the first generated token exist
-  (the prompt's forward pass; for a batch, the wall time of the batch's prefill).
-- `context_load_s` = `preprocess_s` + `prefill_s`.
+Per request (one question; with num_samples > 1, all its sequences), the same in every engine:
+- `preprocess_s`: from the request's submission until its inputs are ready for the model - image
+  decode (ahead, in a prefetch thread, still the sample's own time), chat template, tokens, image
+  processing, hand-over to the engine. A static batch is made ready as a whole (engine=hf: one
+  processor call; engine=vllm: every request rendered, then all handed to the engine core at
+  once), so each of its requests waits for the batch's preprocessing; under continuous batching a
+  request's own.
+- `queue_s`: from inputs ready until the engine first schedules the request (0 in a static batch:
+  it starts at once; vLLM: its scheduled_ts - queued_ts; transformers' continuous batching: the
+  request's start - its creation).
+- `prefill_s`: from the request's first scheduling until the logits of its first generated token
+  exist (the prompt's forward pass; in a batch, the batch's prefill).
+- `context_load_s` = `preprocess_s` + `prefill_s`: the time to load the request's context,
+  queueing left out in every engine (`ttft_s` holds it).
 - `ttft_s`: from submission to the engine until the request's first generated token is on the
-  host (device synchronised). Submission is when the engine receives the request's batch (static
-  batching) or the request (continuous batching); queueing behind other batches is not included
-  for static batches, since a static server would not have accepted the request yet.
+  host (device synchronised): preprocess + queue + prefill. Submission is when the engine receives
+  the request's batch (static batching) or the request (continuous batching); queueing behind
+  other batches is not included for static batches, since a static server would not have
+  accepted the request yet.
 - `tpot_s`: (time of the last token - time of the first token) / (tokens - 1) over the request's
   longest sequence; requests with a single output token have none.
 - `output_tokens`: generated tokens of all returned sequences, up to and including the EOS token,
@@ -48,6 +57,7 @@ class RequestTiming:
     prompt_tokens: int
     output_tokens: int
     cached_prompt_tokens: int = 0
+    queue_s: float = 0.0
 
     @property
     def context_load_s(self) -> float:
@@ -80,6 +90,7 @@ def summarize(timings: list[RequestTiming], generation_wall_s: float) -> dict[st
         "ttft_p99_s": float(p99),
         "tpot_s": _mean(tpots),
         "preprocess_s": _mean([t.preprocess_s for t in timings]),
+        "queue_s": _mean([t.queue_s for t in timings]),
         "prefill_s": _mean([t.prefill_s for t in timings]),
         "context_load_s": _mean([t.context_load_s for t in timings]),
         "latency_s": _mean([t.latency_s for t in timings]),

@@ -50,11 +50,12 @@ def _prefix_hits() -> Iterator[dict[str, int]]:
 
 @dataclass
 class Answer:
-    """One request's sequences (token ids), the clock after each of their tokens, when the
-    engine took the request in, and the prompt tokens it reused."""
+    """One request's sequences (token ids), the clock after each of their tokens, when it was
+    created and when the engine took it in, and the prompt tokens it reused."""
 
     sequences: list[list[int]]
     times: list[list[float]]
+    created: float
     started: float
     cached_prompt_tokens: int
 
@@ -150,6 +151,7 @@ class ContinuousBatching:
                 Answer(
                     sequences=[o.generated_tokens for o in outputs],
                     times=[o.timestamps for o in outputs],
+                    created=outputs[0].created_time,
                     started=min(o.lifespan[0] for o in outputs),
                     cached_prompt_tokens=hits.get(request_id, 0),
                 )

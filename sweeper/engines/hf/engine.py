@@ -258,6 +258,7 @@ class HFEngine(Engine):
                 answer.times,
                 submitted,
                 preprocess_s=prep,
+                queue_s=answer.started - answer.created,
                 # Prefill: from the step that took the request in to its first token.
                 prefill_s=min(t[0] for t in answer.times) - answer.started,
                 prompt_tokens=len(prompt),

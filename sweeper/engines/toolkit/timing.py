@@ -26,11 +26,13 @@ def request_timing(
     preprocess_s: float,
     prefill_s: float,
     prompt_tokens: int,
+    queue_s: float = 0.0,
     output_tokens: int,
     cached_prompt_tokens: int = 0,
 ) -> RequestTiming:
     return RequestTiming(
         preprocess_s=preprocess_s,
+        queue_s=queue_s,
         prefill_s=prefill_s,
         ttft_s=marks.first_token - marks.submitted,
         latency_s=marks.last_token - marks.submitted,

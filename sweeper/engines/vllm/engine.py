@@ -21,8 +21,10 @@ same prompt tokens. Two frontends (`engine.frontend`, sweeper/engines/vllm/front
 
 Batching.
 - continuous_batching=false: static batches of `batch_size` requests, each submitted only when
-  the previous batch has finished (how `vllm bench latency` emulates a static server). The
-  scheduler's `max_num_seqs` (`engine.max_num_seqs`) must hold a whole batch.
+  the previous batch has finished (how `vllm bench latency` emulates a static server), rendered
+  and then handed to the engine core at once with its scheduling paused, so that the engine runs
+  the batch as one, as engine=hf does. The scheduler's `max_num_seqs` (`engine.max_num_seqs`)
+  must hold a whole batch.
 - continuous_batching=true: every request of the run is submitted at once and vLLM's scheduler
   runs at most `max_num_seqs = batch_size x num_samples` sequences (vLLM runs each of a request's
   n samples as its own sequence), admitting a waiting request whenever one finishes. batch_size is
@@ -41,21 +43,21 @@ read in another process. Only differences within one clock are taken:
   processor call and, on the async path, the wait for a renderer thread: the same in vLLM 0.26 and
   0.32); first_token_latency runs from arrival until the first token is back in this process. So
   under continuous batching `ttft_s` is vLLM's own TTFT plus the chat template call (and, async,
-  the hand-over to the event loop), and in a static batch of the llm frontend it adds the time the
-  request waited while the requests before it were rendered (as HF's TTFT includes its processor
-  call on the whole batch); the async frontend renders a batch's requests concurrently, and their
-  wait for a renderer thread is inside vLLM's own TTFT.
+  the hand-over to the event loop), and in a static batch it adds the batch's rendering (as HF's
+  TTFT includes its processor call on the whole batch).
+- `queue_s` = scheduled_ts - queued_ts: from the engine core receiving the request to its first
+  scheduling.
 - `prefill_s` = first_token_ts - scheduled_ts: vLLM's own prefill interval, from the request's
   first scheduling to its first token (chunked prefill and the other requests of the same steps
   included, as in HF's batched prefill).
 - `tpot_s` = (last_token_ts - first_token_ts) / (tokens - 1), `latency_s` = ttft_s +
   (last_token_ts - first_token_ts). With num_samples > 1 the stats are those vLLM keeps for the
   request (one of its sequences).
-- `preprocess_s` = image decode + the time from the request's chat template call until vLLM has
-  handed it to the engine core: with the llm frontend its own `enqueue` call (renderer with the
-  HF processor, input processing, hand-off); with the async frontend the hand-over to the event
-  loop, the wait for a renderer thread (under load requests queue for the pool), rendering and
-  `AsyncLLM.add_request`.
+- `preprocess_s` = image decode + the time from sweeper taking the request up (chat template,
+  tokens) until vLLM has handed it to the engine core (rendering with the HF processor, input
+  processing, hand-off; async: the hand-over to the event loop and the wait for a renderer
+  thread too). In a static batch, the batch's: from its first request taken up until the whole
+  batch is handed over, as HF's processor call on the batch.
 - `output_tokens`: the generated token ids of every sequence; vLLM stops at EOS and keeps it,
   as counted for HF.
 - cached prompt tokens: `RequestOutput.num_cached_tokens`, the prompt tokens served from the
@@ -218,6 +220,7 @@ class VLLMEngine(Engine):
             "vllm_memory": self.memory_note,
             "vllm_kv_cache_tokens": str((cache.num_gpu_blocks or 0) * cache.block_size),
             "vllm_kv_cache_dtype": cache.cache_dtype,
+            "vllm_batch_handover": self.frontend.batch_handover,
         }
 
     @staticmethod
@@ -298,8 +301,9 @@ class VLLMEngine(Engine):
         """Submit every request, wait until all are done; `batch_submitted` is the submission
         time of a static batch (None: each request is submitted on its own)."""
         submissions = self._submissions(requests, batch_submitted)
+        together = batch_submitted is not None
         try:
-            done = self.frontend.run(submissions, self._sampling_params(decoding))
+            done = self.frontend.run(submissions, self._sampling_params(decoding), together)
         except Refused as refused:
             raise self._too_long(refused.error, f"request {refused.request.request.id}") from None
         return [self._completion(submission, output) for submission, output in done]
@@ -319,6 +323,7 @@ class VLLMEngine(Engine):
         timing = request_timing(
             marks,
             preprocess_s=submission.preprocess_s,
+            queue_s=stats.scheduled_ts - stats.queued_ts,
             prefill_s=stats.first_token_ts - stats.scheduled_ts,
             prompt_tokens=len(output.prompt_token_ids),
             output_tokens=sum(len(ids) for ids in token_ids),

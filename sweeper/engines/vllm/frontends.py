@@ -1,9 +1,19 @@
-"""vLLM's two frontends behind one `run`: the offline `LLM` (`enqueue`, then
-`wait_for_completion`, rendering serially in this thread) and `AsyncLLM` (what `vllm serve`
-runs) driven from an asyncio event loop in a thread of its own. Each takes requests as an
-iterator yields them, submits each as it comes and returns every output in submission order; a
-request vLLM refuses raises `Refused`, and whatever fails, no request of the run is left in the
-engine."""
+"""vLLM's two frontends behind one `run`: the offline `LLM` (rendering serially in this thread,
+then `wait_for_completion`) and `AsyncLLM` (what `vllm serve` runs) driven from an asyncio event
+loop in a thread of its own. Each takes requests as an iterator yields them and returns every
+output in submission order. A static batch (`together`) is rendered first and handed to the
+engine core at once, so that the engine starts on the whole batch, as engine=hf's batch does;
+otherwise each request is handed over as soon as it is rendered. Handing a batch over takes a
+while (its images are serialised to the engine core), and the core would start on the first
+request meanwhile (seen here: 25 ms ahead of the eighth): scheduling is paused while a batch is
+handed over (`sleep(level=0)`, then `wake_up(tags=["scheduling"])`, vLLM's documented way to
+queue requests before any is scheduled; a vLLM without it is handed the batch unpaused, and the
+`vllm_batch_handover` tag says so). A request vLLM refuses raises `Refused`, and whatever fails,
+no request of the run is left in the engine.
+
+Both render with vLLM's renderer (`render_cmpl` / `render_cmpl_async`, which stamp
+arrival_time on entry: `vllm serve`'s path) and hand the result to the engine
+(`LLMEngine.add_request` / `AsyncLLM.add_request`), so both send the same tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +22,8 @@ import itertools
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Coroutine, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,6 +54,14 @@ class Submission:
         self.preprocess_s = self.request.prepare_s + time.perf_counter() - self.started
 
 
+def handed_over_together(batch: list[Submission]) -> None:
+    """The batch was handed to the engine core at once: each request's preprocessing is the
+    batch's, from its first request's start (as engine=hf's processor call on the batch)."""
+    batch_s = time.perf_counter() - batch[0].started
+    for submission in batch:
+        submission.preprocess_s = submission.request.prepare_s + batch_s
+
+
 class Refused(Exception):
     """vLLM refused a request's input (e.g. a prompt longer than max_model_len)."""
 
@@ -51,18 +70,27 @@ class Refused(Exception):
         self.request, self.error = request, error
 
 
+# Pausing, for vLLM's sleep: let requests already running finish first (there are none between
+# static batches).
+_PAUSE_MODE = "wait"
+PAUSED = "scheduling paused while the batch is handed over"
+UNPAUSED = "handed over unpaused: this vLLM cannot pause scheduling (sleep level 0)"
+
+
 class VLLMFrontend(ABC):
     """What differs between vLLM's two frontends: building, submitting, caches, shutdown."""
 
     vllm_config: VllmConfig
+    batch_handover: str = PAUSED  # how a static batch reaches the engine core
 
     @abstractmethod
     def run(
-        self, requests: Iterable[Submission], params: SamplingParams
+        self, requests: Iterable[Submission], params: SamplingParams, together: bool
     ) -> list[tuple[Submission, RequestOutput]]:
-        """Submit each request as `requests` yields it and wait until all are done; the outputs
-        in submission order. A request vLLM refuses raises `Refused`; whatever fails, no request
-        of the run is left in the engine."""
+        """Submit the requests as `requests` yields them (`together`: all at once, once every
+        one is rendered) and wait until all are done; the outputs in submission order. A request
+        vLLM refuses raises `Refused`; whatever fails, no request of the run is left in the
+        engine."""
 
     @abstractmethod
     def reset_caches(self) -> None:
@@ -76,30 +104,67 @@ class VLLMFrontend(ABC):
 
 
 class OfflineFrontend(VLLMFrontend):
-    """The offline `vllm.LLM`: `enqueue` renders each request serially in this thread."""
+    """The offline `vllm.LLM`: each request rendered serially in this thread."""
 
     def __init__(self, engine_args: dict[str, Any]):
         from vllm import LLM
 
         self.llm: LLM = LLM(**engine_args)
         self.vllm_config = self.llm.llm_engine.vllm_config
+        # The tokenization LLM.generate uses, so both frontends send the same tokens.
+        self._tokenize = self.llm.renderer.default_cmpl_tok_params
+
+    def _render(self, request: Submission) -> Any:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        prompt = parse_model_prompt(self.llm.model_config, request.prompt)
+        try:
+            (engine_input,) = self.llm.renderer.render_cmpl([prompt], self._tokenize)
+        except VLLMValidationError as error:
+            raise Refused(request, error) from error
+        return engine_input
+
+    def _add(self, engine_input: Any, params: SamplingParams) -> None:
+        # Ids from the LLM's own counter: wait_for_completion sorts its outputs by them.
+        request_id = str(next(self.llm.request_counter))
+        self.llm.llm_engine.add_request(request_id, engine_input, params)
+
+    @contextmanager
+    def _scheduling_paused(self) -> Iterator[None]:
+        engine = self.llm.llm_engine
+        if self.batch_handover == PAUSED:
+            try:
+                engine.sleep(level=0, mode=_PAUSE_MODE)
+            except (TypeError, ValueError, NotImplementedError):
+                self.batch_handover = UNPAUSED
+        try:
+            yield
+        finally:
+            if self.batch_handover == PAUSED:
+                engine.wake_up(tags=["scheduling"])
 
     def run(
-        self, requests: Iterable[Submission], params: SamplingParams
+        self, requests: Iterable[Submission], params: SamplingParams, together: bool
     ) -> list[tuple[Submission, RequestOutput]]:
-        from vllm.exceptions import VLLMValidationError
-
         submitted: list[Submission] = []
+        rendered: list[Any] = []
         try:
             for request in requests:  # the samples iterator may raise too (a broken image)
-                try:
-                    self.llm.enqueue(request.prompt, params, use_tqdm=False)
-                except VLLMValidationError as error:
-                    raise Refused(request, error) from error
-                request.handed_over()
+                engine_input = self._render(request)
+                if together:
+                    rendered.append(engine_input)
+                else:
+                    self._add(engine_input, params)
+                    request.handed_over()
                 submitted.append(request)
+            if rendered:
+                with self._scheduling_paused():
+                    for engine_input in rendered:
+                        self._add(engine_input, params)
+                handed_over_together(submitted)
         except Exception:
-            # Finish what was submitted, so that the engine is clean for the next trial.
+            # Finish what was handed over, so that the engine is clean for the next trial.
             self.llm.wait_for_completion(use_tqdm=False)
             raise
         # In submission order: vLLM returns outputs sorted by its request counter.
@@ -144,11 +209,12 @@ class AsyncFrontend(VLLMFrontend):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def run(
-        self, requests: Iterable[Submission], params: SamplingParams
+        self, requests: Iterable[Submission], params: SamplingParams, together: bool
     ) -> list[tuple[Submission, RequestOutput]]:
         # None ends the run; an exception (from the samples iterator) fails it.
         submissions: asyncio.Queue[Submission | Exception | None] = asyncio.Queue()
-        outputs = asyncio.run_coroutine_threadsafe(self._run(submissions, params), self._loop)
+        run = self._run(submissions, params, together)
+        outputs = asyncio.run_coroutine_threadsafe(run, self._loop)
 
         def submit(entry: Submission | Exception | None) -> None:
             self._loop.call_soon_threadsafe(submissions.put_nowait, entry)
@@ -167,9 +233,13 @@ class AsyncFrontend(VLLMFrontend):
             raise group.exceptions[0] from None
 
     async def _run(
-        self, submissions: asyncio.Queue[Submission | Exception | None], params: SamplingParams
+        self,
+        submissions: asyncio.Queue[Submission | Exception | None],
+        params: SamplingParams,
+        together: bool,
     ) -> list[tuple[Submission, RequestOutput]]:
         submitted: list[tuple[Submission, str, asyncio.Task[RequestOutput]]] = []
+        batch: list[tuple[Submission, str, Awaitable[Any]]] = []  # together: rendering
         try:
             async with asyncio.TaskGroup() as tasks:
                 while (entry := await submissions.get()) is not None:
@@ -177,7 +247,7 @@ class AsyncFrontend(VLLMFrontend):
                         raise entry
                     request_id = str(next(self._request_ids))
                     if self._renderer_ready:
-                        task = tasks.create_task(self._generate(entry, params, request_id))
+                        rendering: Awaitable[Any] = tasks.create_task(self._render(entry))
                     else:
                         # vLLM loads its HF processor at a renderer's first call and caches
                         # it. In 0.26 that load is slow, and slower with more renderer threads:
@@ -185,29 +255,47 @@ class AsyncFrontend(VLLMFrontend):
                         # and each copy of the pool rebuilds renderer_num_workers + 1 tokenizer
                         # copies (minutes at 12 threads on an H100 host). Concurrent first calls
                         # would each pay it, so the engine's first request is rendered alone.
-                        collector = await self._submit(entry, params, request_id)
+                        rendering = asyncio.get_running_loop().create_future()
+                        rendering.set_result(await self._render(entry))
                         self._renderer_ready = True
-                        task = tasks.create_task(collector.get())
-                    submitted.append((entry, request_id, task))
+                    if together:
+                        batch.append((entry, request_id, rendering))
+                    else:
+                        answer = self._answer(entry, rendering, params, request_id)
+                        submitted.append((entry, request_id, tasks.create_task(answer)))
+                # A static batch: every request rendered, then all handed over at once.
+                rendered = [(entry, request_id, await r) for entry, request_id, r in batch]
+                if rendered:
+                    paused = await self._pause_scheduling()
+                    try:
+                        for entry, request_id, engine_input in rendered:
+                            collector = await self._add(entry, engine_input, params, request_id)
+                            task = tasks.create_task(collector.get())
+                            submitted.append((entry, request_id, task))
+                    finally:
+                        if paused:
+                            await self.llm.wake_up(tags=["scheduling"])
+                    handed_over_together([entry for entry, _, _ in batch])
         except Exception:
             # The TaskGroup has cancelled the run's other tasks, but their requests run on in
             # the engine (only AsyncLLM.generate aborts on cancellation): abort every request of
-            # the run by id (finished ones are ignored).
+            # the run by id (finished or unknown ones are ignored).
             if not self.llm.errored:
                 await self.llm.abort([request_id for _, request_id, _ in submitted])
             raise
         return [(request, task.result()) for request, _, task in submitted]
 
-    async def _generate(
-        self, request: Submission, params: SamplingParams, request_id: str
-    ) -> RequestOutput:
-        collector = await self._submit(request, params, request_id)
-        return await collector.get()  # FINAL_ONLY: one output, once the request is done
+    async def _pause_scheduling(self) -> bool:
+        """Pause the engine core's scheduling if this vLLM can; whether it did."""
+        if self.batch_handover == PAUSED:
+            try:
+                await self.llm.sleep(level=0, mode=_PAUSE_MODE)
+                return True
+            except (TypeError, ValueError, NotImplementedError):
+                self.batch_handover = UNPAUSED
+        return False
 
-    async def _submit(
-        self, request: Submission, params: SamplingParams, request_id: str
-    ) -> RequestOutputCollector:
-        """Render the request and hand it to the engine core; its output collector."""
+    async def _render(self, request: Submission) -> Any:
         from vllm.exceptions import VLLMValidationError
         from vllm.renderers.inputs.preprocess import parse_model_prompt
 
@@ -218,11 +306,31 @@ class AsyncFrontend(VLLMFrontend):
             # arrival_time at another point; render_cmpl_async is `vllm serve`'s path in both
             # and stamps arrival_time on entry, as the offline LLM's render_cmpl does.
             (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt], self._tokenize)
-            collector = await self.llm.add_request(request_id, engine_input, params)
         except VLLMValidationError as error:
             raise Refused(request, error) from error
+        return engine_input
+
+    async def _add(
+        self, request: Submission, engine_input: Any, params: SamplingParams, request_id: str
+    ) -> RequestOutputCollector:
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            return await self.llm.add_request(request_id, engine_input, params)
+        except VLLMValidationError as error:
+            raise Refused(request, error) from error
+
+    async def _answer(
+        self,
+        request: Submission,
+        rendering: Awaitable[Any],
+        params: SamplingParams,
+        request_id: str,
+    ) -> RequestOutput:
+        """A request handed over as soon as it is rendered; its one final output."""
+        collector = await self._add(request, await rendering, params, request_id)
         request.handed_over()
-        return collector
+        return await collector.get()  # FINAL_ONLY: one output, once the request is done
 
     def reset_caches(self) -> None:
         self._call(self.llm.reset_prefix_cache())
