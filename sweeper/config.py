@@ -160,7 +160,7 @@ class TrialConfig:
     calibration_samples: int = 16
 
     # Peak-memory budget in GiB for `hydra/sweeper=vram_budget` (its constraint reads it); on CPU
-    # it bounds the peak RSS, as peak_mem_gb does. Unused by a trial itself.
+    # it bounds the peak PSS, as peak_mem_gb does. Unused by a trial itself.
     budget_gb: float | None = None
 
     def __post_init__(self) -> None:

@@ -2,8 +2,8 @@
 real Optuna and MLflow SQLite stores, resume after Ctrl-C and after a crash, bad input.
 
 Accuracy is flat on these few questions (0 with random weights, 1.0 with the trained tiny_vlm),
-so the end-to-end studies optimise `tps`, which varies; on CPU, `peak_mem_gb` is the peak RSS of
-the process tree, so the VRAM budget is a budget on peak RSS there.
+so the end-to-end studies optimise `tps`, which varies; on CPU, `peak_mem_gb` is the peak PSS of
+the process tree, so the VRAM budget is a budget on peak PSS there.
 """
 
 from __future__ import annotations

@@ -146,9 +146,16 @@ def test_trial_logs_six_metrics_and_greedy_answers_agree_with_hf() -> None:
     _assert_six_metrics(result.metrics)
     assert result.metrics["num_samples_measured"] == 50
     assert result.tags["engine"] == "vllm" and "pre-allocates" in result.tags["vllm_memory"]
-    # The peak covers the engine core and its worker, which run in child processes.
+    # The peak covers the engine core and its worker, which run in child processes, each page
+    # counted once: their RSS summed counts what they share several times.
     assert _loaded(trial).processes, "vLLM's engine processes were not found"
     assert result.metrics["peak_mem_gb"] > 0
+    assert result.tags["peak_mem_source"] == "pss_process_tree"
+    from sweeper.metrics import memory
+
+    pss, _ = memory._tree_memory()
+    rss = sum(memory._rss(pid) for pid in memory._process_tree_pids())
+    assert pss < 0.95 * rss, (pss, rss)
     # Static batches: vLLM's histogram starts at each request's own arrival, ttft_s at the
     # batch's submission, so it adds the wait for the requests rendered before it.
     assert 0 < result.metrics["vllm_ttft_s"] <= result.metrics["ttft_s"]

@@ -5,7 +5,11 @@
   children (vLLM runs its engine in child processes);
 - `nvml_device_delta`: in containers NVML reports host PIDs, so no process matches; then the
   peak rise of the device's used memory over its pre-trial baseline;
-- `rss_process_tree`: on CPU, the peak resident memory of this process and its children.
+- `pss_process_tree`: on CPU, the peak proportional set size (PSS) of this process and its
+  children: each page counted once, however many of them map it (vLLM's frontend, engine core and
+  worker share libraries and tensors: their RSS summed counted those pages up to three times,
+  31% over PSS on the tiny model). Linux's /proc/PID/smaps_rollup; where it is missing, the
+  resident set sizes summed (`rss_process_tree`).
 """
 
 from __future__ import annotations
@@ -35,13 +39,31 @@ def _process_tree_pids() -> set[int]:
     return {me.pid, *(child.pid for child in me.children(recursive=True))}
 
 
-def _rss_of_tree() -> int:
-    total = 0
-    me = psutil.Process(os.getpid())
-    for process in (me, *me.children(recursive=True)):
-        with contextlib.suppress(psutil.Error):  # a child that exited while we read
-            total += process.memory_info().rss
-    return total
+def _pss(pid: int) -> int | None:
+    """The process's proportional set size in bytes; None without smaps_rollup (not Linux)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:  # exited while we read, or no /proc
+        return 0 if os.path.exists("/proc/self/smaps_rollup") else None
+    return None
+
+
+def _rss(pid: int) -> int:
+    with contextlib.suppress(psutil.Error):  # a child that exited while we read
+        return psutil.Process(pid).memory_info().rss
+    return 0
+
+
+def _tree_memory() -> tuple[int, str]:
+    """The process tree's memory in bytes and how it was read: PSS, else RSS summed."""
+    pids = _process_tree_pids()
+    pss = [_pss(pid) for pid in pids]
+    if all(size is not None for size in pss):
+        return sum(pss), "pss_process_tree"  # type: ignore[arg-type]
+    return sum(_rss(pid) for pid in pids), "rss_process_tree"
 
 
 def _release_freed_heap() -> None:
@@ -86,17 +108,20 @@ class PeakMemoryTracker:
 
     def __init__(self, device: str, interval_s: float = 0.02):
         self.device = device
-        self.interval_s = interval_s  # 50 Hz: the issue asks for at least 20 samples a second
+        # 50 Hz at most; reading PSS takes ~10 ms per process of a loaded model, so a vLLM tree on
+        # CPU is sampled at 20-30 Hz.
+        self.interval_s = interval_s
         self._stop = threading.Event()
         self._peak = 0
         self._samples = 0
-        self._source = "rss_process_tree"
+        self._source = "pss_process_tree"
         self._nvml: _NvmlReader | None = None
         self._thread: threading.Thread | None = None
 
     def _read(self) -> int:
         if self._nvml is None:
-            return _rss_of_tree()
+            size, self._source = _tree_memory()
+            return size
         own = self._nvml.process_bytes()
         if own is not None:
             self._source = "nvml_process"
