@@ -155,9 +155,13 @@ class TrialConfig:
     kv_cache: KVCache = KVCache.dynamic
 
     # Measurement: warm-up batches are never counted; batch efficiency is calibrated on the
-    # first `calibration_samples` samples.
+    # first `calibration_samples` samples, its two passes timed `calibration_repeats` times
+    # (interleaved; the median is logged); the measured run is done `repeats` times on the
+    # loaded engine, each metric logged as the mean with its 95% confidence interval.
     warmup_batches: int = 1
     calibration_samples: int = 16
+    calibration_repeats: int = 3
+    repeats: int = 1
 
     # Peak-memory budget in GiB for `hydra/sweeper=vram_budget` (its constraint reads it); on CPU
     # it bounds the peak PSS, as peak_mem_gb does. Unused by a trial itself.
@@ -179,12 +183,8 @@ class TrialConfig:
         check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(self.warmup_batches >= 0, "warmup_batches", self.warmup_batches, "an integer >= 0")
-        check(
-            self.calibration_samples >= 1,
-            "calibration_samples",
-            self.calibration_samples,
-            "an integer >= 1",
-        )
+        for key in ("calibration_samples", "calibration_repeats", "repeats"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
         if self.beam_num > 1:
             check(
                 self.num_samples <= self.beam_num,

@@ -2,18 +2,19 @@
 
 Order of work, so that what is measured means what it says:
 1. warm-up: `warmup_batches` batches, never counted;
-2. calibration (batch_size > 1): the first min(calibration_samples, N) samples at batch_size,
-   then one at a time, for `batch_efficiency`; each pass is timed after an untimed one over
-   the same slice (a new batch shape may compile);
-3. the measured run over all N samples, whose per-request timings and wall time give the
-   performance metrics and whose answers the task scores.
+2. calibration (batch_size > 1): the first min(calibration_samples, N) samples at batch_size
+   and one at a time, for `batch_efficiency`: each shape once untimed (a new batch shape may
+   compile), then the two passes timed `calibration_repeats` times, interleaved;
+3. the measured run over all N samples, `repeats` times (each from a cold prefix cache), whose
+   per-request timings and wall time give the performance metrics and whose answers the task
+   scores; with several repeats each metric is their mean, with its 95% confidence interval.
 Peak memory is sampled throughout (it is a peak: warm-up does not inflate it beyond the run).
 """
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -24,10 +25,11 @@ from sweeper.data import DataError, LoadedSample, Sample, prefetch
 from sweeper.engines import ENGINE_CACHE, Engine
 from sweeper.metrics.memory import PeakMemoryTracker
 from sweeper.metrics.performance import batch_efficiency, summarize
+from sweeper.metrics.stats import combine_repeats
 from sweeper.models import resolve_model_path
 from sweeper.models.info import ModelInfo, model_info
 from sweeper.requests import DecodingParams, ServingParams
-from sweeper.tasks import task_class
+from sweeper.tasks import Task, task_class
 from sweeper.workloads import Workload, build_workload
 
 
@@ -37,6 +39,7 @@ class TrialResult:
     tags: dict[str, str]
     predictions: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # under dataset.on_error=skip
+    repeats: list[dict[str, float]] = field(default_factory=list)  # each measured run's metrics
 
 
 def check_trial(trial: TrialConfig) -> ModelInfo:
@@ -63,13 +66,61 @@ def _requests_per_s(
     decoding: DecodingParams,
     serving: ServingParams,
 ) -> float:
-    # An untimed pass first: a batch shape's first call may compile or capture graphs, which
-    # the measured run (after warm-up at batch_size) never pays.
-    workload.run(engine, items, decoding, serving)
-    engine.reset_prefix_cache()  # each timed pass over the slice starts cold, as the other did
+    engine.reset_prefix_cache()  # each timed pass over the slice starts cold
     start = engine.now()
     workload.run(engine, items, decoding, serving)
     return len(items) / (engine.now() - start)
+
+
+def _calibrate(
+    workload: Workload,
+    engine: Engine,
+    items: list[LoadedSample],
+    decoding: DecodingParams,
+    serving: ServingParams,
+    repeats: int,
+) -> dict[str, float]:
+    """batch_efficiency on `items`: batched against one at a time, interleaved `repeats` times."""
+    one = replace(serving, batch_size=1)
+    # An untimed pass of each shape first: its first call may compile or capture graphs, which
+    # the measured run (after warm-up at batch_size) never pays.
+    for shape in (serving, one):
+        workload.run(engine, items, decoding, shape)
+    batched, single = [], []
+    for _ in range(repeats):
+        batched.append(_requests_per_s(workload, engine, items, decoding, serving))
+        single.append(_requests_per_s(workload, engine, items, decoding, one))
+    return batch_efficiency(batched, single, min(serving.batch_size, len(items)))
+
+
+def _measure(
+    trial: TrialConfig,
+    engine: Engine,
+    workload: Workload,
+    task: Task,
+    items: Iterable[LoadedSample],
+    samples: list[Sample],
+    on_done: Callable[[int], None],
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """One measured run over every item, from a cold prefix cache: its metrics and the task's
+    prediction rows."""
+    engine.reset_prefix_cache()  # no reuse of the earlier phases' identical prompts
+    torch.manual_seed(trial.seed)
+    decoding, serving = DecodingParams.from_trial(trial), ServingParams.from_trial(trial)
+    with engine.own_metrics() as own_metrics:
+        start = engine.now()
+        completions = workload.run(engine, items, decoding, serving, on_done)
+        generation_s = engine.now() - start
+    if not completions:
+        raise DataError(f"dataset '{trial.dataset.name}': no image could be decoded")
+    # By id: a sample whose image fails to decode (on_error=skip) has no completion.
+    by_id = {sample.question_id: sample for sample in samples}
+    predictions = [task.record(by_id[c.request_id], c, workload.reasoning) for c in completions]
+    metrics = summarize([c.timing for c in completions], generation_s)
+    metrics.update(own_metrics)
+    if not trial.ignore_eos:
+        metrics.update(task.aggregate(predictions))
+    return metrics, predictions
 
 
 def _device_tags(device: str) -> dict[str, str]:
@@ -115,32 +166,26 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
         efficiency = {"batch_efficiency": 1.0, "batch_speedup": 1.0}  # exact for batch_size 1
         if trial.batch_size > 1:
             calibration = list(prefetch(samples[: trial.calibration_samples], depth, data_report))
-            batched = _requests_per_s(workload, engine, calibration, decoding, serving)
-            one = replace(serving, batch_size=1)
-            single = _requests_per_s(workload, engine, calibration, decoding, one)
-            efficiency = batch_efficiency(batched, single, min(trial.batch_size, len(calibration)))
+            efficiency = _calibrate(
+                workload, engine, calibration, decoding, serving, trial.calibration_repeats
+            )
 
-        torch.manual_seed(trial.seed)
-        done = 0
+        done, total = 0, len(samples) * trial.repeats
 
         def on_done(count: int) -> None:
             nonlocal done
             done += count
             if progress is not None:
-                progress(done, len(samples))
+                progress(done, total)
 
-        engine.reset_prefix_cache()  # no reuse of the earlier phases' identical prompts
-        with engine.own_metrics() as own_metrics:
-            start = engine.now()
+        runs = []
+        for _ in range(trial.repeats):
             measured = prefetch(samples, depth, data_report)
-            completions = workload.run(engine, measured, decoding, serving, on_done)
-            generation_s = engine.now() - start
-    if not completions:
-        raise DataError(f"dataset '{trial.dataset.name}': no image could be decoded")
+            runs.append(_measure(trial, engine, workload, task, measured, samples, on_done))
 
-    metrics = summarize([c.timing for c in completions], generation_s)
+    metrics = combine_repeats([run for run, _ in runs])
+    predictions = runs[-1][1]
     metrics.update(efficiency)
-    metrics.update(own_metrics)
     report = memory.report()
     metrics["peak_mem_gb"] = report.peak_mem_gb
     if report.torch_peak_allocated_gb is not None:
@@ -149,12 +194,7 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
     if loaded.load_s is not None:
         metrics["model_load_s"] = loaded.load_s
 
-    # By id: a sample whose image fails to decode (on_error=skip) has no completion.
-    by_id: dict[str, Sample] = {sample.question_id: sample for sample in samples}
-    predictions = [task.record(by_id[c.request_id], c, workload.reasoning) for c in completions]
-    if not trial.ignore_eos:
-        metrics.update(task.aggregate(predictions))
-    metrics["num_samples_measured"] = float(len(completions))
+    metrics["num_samples_measured"] = float(len(predictions))
     metrics["skipped_samples"] = float(len(data_report.skipped))
 
     tags = {
@@ -176,4 +216,4 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
     if trial.model.random_weights:
         tags["random_weights"] = "random weights: accuracy is meaningless"
     skipped = [asdict(s) for s in data_report.skipped]
-    return TrialResult(metrics, tags, predictions, skipped=skipped)
+    return TrialResult(metrics, tags, predictions, skipped, [run for run, _ in runs])

@@ -404,6 +404,39 @@ def test_failing_trial_is_fail_and_the_study_goes_on(tmp_path: Path, store: dict
     assert failed.data.tags["optuna_trial_state"] == "FAIL"
 
 
+def test_a_configuration_asked_again_is_a_duplicate_not_another_finding(
+    tmp_path: Path, store: dict
+) -> None:
+    # Two configurations, five trials: at least three ask a configuration again.
+    result = run_cli(
+        [
+            "-m",
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.sampler=random",
+            "hydra.sweeper.seed=0",
+            "hydra.sweeper.n_trials=5",
+            "hydra.sweeper.objectives=[tps:max]",
+            "batch_size=choice(1,2)",
+            *FAST,
+            *store["args"],
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = _study(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
+    originals = [t for t in study.trials if "duplicate_of" not in t.user_attrs]
+    copies = [t for t in study.trials if "duplicate_of" in t.user_attrs]
+    configurations = {t.params["batch_size"] for t in study.trials}
+    assert len(originals) == len(configurations) and len(copies) == 5 - len(originals) >= 3
+    for copy in copies:
+        original = study.trials[copy.user_attrs["duplicate_of"]]
+        assert copy.params == original.params and copy.values == original.values
+    _, children = _runs(store["uri"])
+    assert len(children) == len(originals)  # each configuration ran once
+    assert result.stdout.count("not run again") == len(copies)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -3,6 +3,8 @@ streamer's own clock, the kernel's peak-RSS counter and per-process RSS."""
 
 from __future__ import annotations
 
+import math
+import random
 import statistics
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 import pytest
 
 from sweeper.metrics.performance import RequestTiming, batch_efficiency, summarize, tpot
+from sweeper.metrics.stats import combine_repeats, mean_ci95
 from tests.conftest import easy_vqa_items, load_engine, vqa_requests
 
 
@@ -51,7 +54,51 @@ def test_single_token_requests_have_no_tpot_and_hit_rate_counts_tokens() -> None
 
 def test_batch_efficiency_definition() -> None:
     # 8 requests/s at batch 4 against 4 requests/s one at a time: 2x faster, half of ideal.
-    assert batch_efficiency(8.0, 4.0, 4) == {"batch_efficiency": 0.5, "batch_speedup": 2.0}
+    got = batch_efficiency([8.0], [4.0], 4)
+    assert got == {
+        "batch_efficiency": 0.5,
+        "batch_efficiency_min": 0.5,
+        "batch_efficiency_max": 0.5,
+        "batch_speedup": 2.0,
+    }
+    # Repeats: the median of the pairwise ratios, and their range.
+    got = batch_efficiency([8.0, 4.0, 12.0], [4.0, 4.0, 4.0], 4)
+    assert (got["batch_efficiency"], got["batch_efficiency_min"]) == (0.5, 0.25)
+    assert got["batch_efficiency_max"] == 0.75 and got["batch_speedup"] == 2.0
+
+
+def test_batch_efficiency_spread_shrinks_with_repeats() -> None:
+    """On a noisy machine (pass times off by a log-normal factor, a pass in ten stalled 3x),
+    the median over more interleaved repeats scatters less around the true 0.5."""
+    rng = random.Random(0)
+
+    def rate(true: float) -> float:
+        stall = 3.0 if rng.random() < 0.1 else 1.0
+        return true / (rng.lognormvariate(0, 0.4) * stall)
+
+    def scatter(repeats: int) -> float:
+        estimates = [
+            batch_efficiency(
+                [rate(8.0) for _ in range(repeats)], [rate(4.0) for _ in range(repeats)], 4
+            )["batch_efficiency"]
+            for _ in range(2000)
+        ]
+        quartiles = statistics.quantiles(estimates, n=4)
+        return quartiles[2] - quartiles[0]
+
+    spreads = [scatter(repeats) for repeats in (1, 3, 9)]
+    assert spreads[0] > 1.3 * spreads[1] > 1.3 * 1.3 * spreads[2], spreads
+
+
+def test_mean_and_95_percent_interval() -> None:
+    mean, half = mean_ci95([1.0, 2.0, 3.0])
+    # t(0.975, 2) = 4.3027, standard error 1 / sqrt(3)
+    assert mean == 2.0 and half == pytest.approx(4.302653 / 3**0.5, rel=1e-6)
+    assert math.isnan(mean_ci95([5.0])[1]) and mean_ci95([5.0])[0] == 5.0
+    assert mean_ci95([2.0, 2.0, 2.0]) == (2.0, 0.0)
+    combined = combine_repeats([{"tps": 10.0, "tpot_s": math.nan}, {"tps": 14.0, "tpot_s": 0.1}])
+    assert combined["tps"] == 12.0 and combined["tps_ci95"] == pytest.approx(12.706 * 2, rel=1e-3)
+    assert combined["tpot_s"] == 0.1  # nan runs (no second token) are left out
 
 
 @pytest.fixture(scope="module")

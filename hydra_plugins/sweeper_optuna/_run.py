@@ -22,6 +22,7 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
+from optuna.trial._trial import _CONSTRAINTS_KEY as CONSTRAINTS_KEY
 
 from hydra_plugins.sweeper_optuna._definition import (
     Constraint,
@@ -55,6 +56,9 @@ OBJECTIVES_ATTR = "objectives"
 # of that configuration there have been (max_retry caps them).
 RETRY_ATTR = "retry_of"
 RETRIES_ATTR = "retries"
+# Trial user attr of a trial whose parameters a finished trial already had: it is not run again
+# (the same configuration is one finding, not two; repeats=N measures one several times).
+DUPLICATE_ATTR = "duplicate_of"
 
 
 @dataclass(frozen=True)
@@ -253,11 +257,42 @@ class StudyWorker:
             then = f"not run again (hydra.sweeper.max_retry={self.max_retry})"
         print(f"[study] trial {trial.number} FAIL: {why}; {then}", file=sys.stderr, flush=True)
 
+    def _finished_with(self, trial: optuna.Trial) -> FrozenTrial | None:
+        """The COMPLETE trial of the study that had `trial`'s parameters, if any."""
+        for done in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if done.params == trial.params and DUPLICATE_ATTR not in done.user_attrs:
+                return done
+        return None
+
+    def _tell_duplicate(self, trial: optuna.Trial, original: FrozenTrial) -> None:
+        """Tell the sampler what the same configuration gave; nothing runs. Under the lock."""
+        trial.set_user_attr(DUPLICATE_ATTR, original.number)
+        for key, value in original.system_attrs.items():
+            if key.startswith(f"{CONSTRAINTS_KEY}:"):
+                trial.set_constraint(key.split(":", 1)[1], value)
+        self.study.tell(trial, original.values)
+        print(
+            f"[study] trial {trial.number}: the configuration of trial {original.number}, "
+            "not run again (its values told again)",
+            flush=True,
+        )
+
     def run(
         self, batch: list[optuna.Trial], launcher: Launcher, heartbeats: Heartbeats
     ) -> list[JobReturn]:
         returns: list[JobReturn] = []
-        for group in _consecutive(batch):
+        fresh = []
+        for trial in batch:
+            with self.lock.held():
+                original = self._finished_with(trial)
+                if original is not None:
+                    self._tell_duplicate(trial, original)
+            if original is None:
+                fresh.append(trial)
+            else:
+                heartbeats.remove([trial._trial_id])
+                del self.in_flight[trial.number]
+        for group in _consecutive(fresh):
             overrides = [self.plan.space.overrides(t.params) for t in group]
             rets = launcher.launch(overrides, group[0].number)
             for trial, ret in zip(group, rets, strict=True):

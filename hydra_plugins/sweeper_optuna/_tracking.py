@@ -31,9 +31,11 @@ def is_feasible(trial: FrozenTrial) -> bool:
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best feasible trial, or the feasible Pareto set of a multi-objective study."""
+    """The best feasible trial, or the feasible Pareto set of a multi-objective study; a
+    configuration once, not again through the trials that repeated it (`duplicate_of`)."""
     if len(study.directions) > 1:
-        return study.best_trials  # Optuna leaves infeasible trials out of the front
+        # Optuna leaves infeasible trials out of the front.
+        return [t for t in study.best_trials if "duplicate_of" not in t.user_attrs]
     if not any(is_feasible(t) for t in study.get_trials(deepcopy=False)):
         return []
     return [study.best_trial]  # the best of the feasible trials when there are constraints

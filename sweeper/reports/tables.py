@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sweeper.metrics import HEADLINE_METRICS
+from sweeper.metrics.stats import CI_SUFFIX
 
 UNITS = {
     "tps": "tok/s",
@@ -28,13 +29,22 @@ def fmt(value: float | None) -> str:
     return f"{value:.3e}"
 
 
+def with_ci(metrics: Mapping[str, object], name: str) -> str:
+    """The metric's value, with its 95% interval's half-width when it was repeated."""
+    value, half = metrics.get(name), metrics.get(name + CI_SUFFIX)
+    text = fmt(value)  # type: ignore[arg-type]
+    if isinstance(half, float) and math.isfinite(half):
+        text += f" ± {fmt(half)}"
+    return text
+
+
 def trial_table(title: str, metrics: Mapping[str, float]) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("unit")
     for name in HEADLINE_METRICS:
-        table.add_row(name, fmt(metrics.get(name)), UNITS[name])
+        table.add_row(name, with_ci(metrics, name), UNITS[name])
     return table
 
 
@@ -48,7 +58,7 @@ def sweep_table(title: str, rows: Sequence[Mapping[str, object]]) -> Table:
             str(row["trial"]),
             str(row["status"]),
             str(row["overrides"]),
-            *(fmt(row.get(name)) for name in HEADLINE_METRICS),  # type: ignore[arg-type]
+            *(with_ci(row, name) for name in HEADLINE_METRICS),
         )
     return table
 

@@ -33,6 +33,7 @@ def interrupt_sweep() -> None:
 
 def _child_rows(client: Any, experiment_id: str, parent_id: str) -> list[dict[str, Any]]:
     from sweeper.metrics import HEADLINE_METRICS
+    from sweeper.metrics.stats import CI_SUFFIX
 
     runs = client.search_runs(
         [experiment_id],
@@ -47,7 +48,13 @@ def _child_rows(client: Any, experiment_id: str, parent_id: str) -> list[dict[st
             "overrides": run.data.tags.get("hydra_overrides", ""),
             "sweep_id": run.data.tags.get("sweeper_sweep_id", ""),
         }
-        row.update({name: run.data.metrics.get(name) for name in HEADLINE_METRICS})
+        row.update(
+            {
+                name: run.data.metrics.get(name)
+                for metric in HEADLINE_METRICS
+                for name in (metric, metric + CI_SUFFIX)
+            }
+        )
         rows.append(row)
     return sorted(rows, key=lambda r: int(r["trial"]) if str(r["trial"]).isdigit() else 0)
 

@@ -16,6 +16,8 @@ def log_result(result: Any, resolved_config_yaml: str, log_predictions: bool = T
     mlflow.log_text(resolved_config_yaml, "config.yaml")
     if result.skipped:  # the metric skipped_samples counts them; this says which and why
         mlflow.log_dict({"skipped_samples": result.skipped}, "skipped_samples.json")
+    if len(result.repeats) > 1:  # the raw values behind each mean and its interval
+        mlflow.log_dict({"repeats": result.repeats}, "repeats.json")
     if log_predictions and result.predictions:
         # Raw outputs and the human answers as lists: any scorer can rescore the run from it.
         mlflow.log_table(pd.DataFrame(result.predictions), artifact_file="predictions.json")
