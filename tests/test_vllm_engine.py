@@ -159,11 +159,25 @@ def test_trial_logs_six_metrics_and_greedy_answers_agree_with_hf() -> None:
     # Static batches: vLLM's histogram starts at each request's own arrival, ttft_s at the
     # batch's submission, so it adds the wait for the requests rendered before it.
     assert 0 < result.metrics["vllm_ttft_s"] <= result.metrics["ttft_s"]
+    # The tokens sweeper counted are those vLLM's own counters counted.
+    assert result.metrics["output_tokens"] == result.metrics["vllm_output_tokens"]
+    assert result.metrics["prompt_tokens"] == result.metrics["vllm_prompt_tokens"]
 
     vllm_texts = _texts(trial)
     assert len(vllm_texts) == len(hf_texts) == 50
     agree = sum(a == b for a, b in zip(hf_texts, vllm_texts, strict=True))
     assert agree >= 0.95 * 50, list(zip(hf_texts, vllm_texts, strict=True))[:5]
+
+
+def test_ignore_eos_counts_the_same_tokens_in_both_engines_and_logs_no_accuracy() -> None:
+    # Past EOS, HF (EOS masked) and vLLM (EOS emitted, its special tokens hidden in the text)
+    # write different texts: neither is an answer, so no accuracy; the tokens are counted alike.
+    common = ("dataset.limit=4", "batch_size=4", "ignore_eos=true", "max_new_tokens=6")
+    for engine in (("engine=hf", f"model={MODEL}"), VLLM):
+        result = run_trial(_trial(*engine, *common))
+        assert result.metrics["output_tokens"] == 4 * 6, engine
+        assert "accuracy" not in result.metrics and "top_answer_match" not in result.metrics
+        assert result.tags["accuracy_metric"].startswith("not logged: ignore_eos=true")
 
 
 def test_beam_search_runs_through_vllm() -> None:

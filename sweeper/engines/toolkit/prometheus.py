@@ -10,6 +10,8 @@ from collections.abc import Mapping
 TTFT = "vllm:time_to_first_token_seconds"
 PREFIX_QUERIES = "vllm:prefix_cache_queries"
 PREFIX_HITS = "vllm:prefix_cache_hits"
+GENERATION_TOKENS = "vllm:generation_tokens"
+PROMPT_TOKENS = "vllm:prompt_tokens"
 
 
 def totals(samples: Mapping[str, float] | list[tuple[str, float]]) -> dict[str, float]:
@@ -24,7 +26,9 @@ def totals(samples: Mapping[str, float] | list[tuple[str, float]]) -> dict[str, 
 
 def vllm_own_metrics(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
     """`vllm_ttft_s`: the mean of vLLM's TTFT histogram over the run (sum / count);
-    `vllm_prefix_cache_hit_rate`: prefix-cache hits / queries (both count tokens)."""
+    `vllm_prefix_cache_hit_rate`: prefix-cache hits / queries (both count tokens);
+    `vllm_output_tokens`, `vllm_prompt_tokens`: the tokens vLLM counted generating and
+    prefilling (its counters; the prompt's cached tokens included)."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -34,4 +38,10 @@ def vllm_own_metrics(before: Mapping[str, float], after: Mapping[str, float]) ->
         metrics["vllm_ttft_s"] = delta(f"{TTFT}_sum") / count
     if queries := delta(PREFIX_QUERIES):
         metrics["vllm_prefix_cache_hit_rate"] = delta(PREFIX_HITS) / queries
+    for name, counter in (
+        ("vllm_output_tokens", GENERATION_TOKENS),
+        ("vllm_prompt_tokens", PROMPT_TOKENS),
+    ):
+        if counter in after:
+            metrics[name] = delta(counter)
     return metrics
