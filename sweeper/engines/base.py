@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from itertools import islice
 from typing import TYPE_CHECKING
@@ -87,6 +88,14 @@ class Engine(ABC):
     ) -> list[Completion]:
         """Every request submitted as it comes, at most `serving.batch_size` running at once."""
         raise NotImplementedError(f"{type(self).__name__} has no continuous batching")
+
+    def submit(self, request: Request, decoding: DecodingParams) -> Future[Completion]:
+        """Hand one request to the running engine now, from any thread; the future completes
+        with its answer (or its error). What the open loads (concurrency, rate) drive: the
+        request's clock starts at this call, and its `itl_s` are the gaps between the chunks
+        streamed back. An engine that can take requests only in its own batches does not
+        implement it, and its config refuses those loads."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take requests as they come")
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` in the model's tokenizer (workload=shared_prefix sizes its system

@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -63,6 +63,9 @@ class RequestTiming:
     output_tokens: int
     cached_prompt_tokens: int = 0
     queue_s: float = 0.0
+    # Gaps between consecutive chunks streamed back (requests of the open loads), as vLLM's
+    # bench serve pools them into ITL; empty where the engine returns a request whole.
+    itl_s: list[float] = field(default_factory=list)
 
     @property
     def context_load_s(self) -> float:
