@@ -117,7 +117,9 @@ def _measure(
     by_id = {sample.question_id: sample for sample in samples}
     predictions = [task.record(by_id[c.request_id], c, workload.reasoning) for c in completions]
     metrics = summarize([c.timing for c in completions], generation_s)
+    # An engine behind HTTP sees no prefill of its own: the server's means (own metrics) stand in.
     metrics.update(own_metrics)
+    metrics["context_load_s"] = metrics["preprocess_s"] + metrics["prefill_s"]
     if not trial.ignore_eos:
         metrics.update(task.aggregate(predictions))
     return metrics, predictions

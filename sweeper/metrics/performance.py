@@ -77,7 +77,9 @@ def tpot(first_token_t: float, last_token_t: float, tokens: int) -> float | None
 
 
 def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else math.nan
+    """The mean of the known values (an HTTP engine cannot see a request's prefill: nan)."""
+    known = [value for value in values if math.isfinite(value)]
+    return float(np.mean(known)) if known else math.nan
 
 
 def summarize(timings: list[RequestTiming], generation_wall_s: float) -> dict[str, float]:
