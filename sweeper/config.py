@@ -116,6 +116,25 @@ class ModelConfig:
 
 
 @dataclass
+class SLOConfig:
+    """Service-level objectives a request must meet to count in `goodput` (null: none)."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    e2el_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("ttft_s", "tpot_s", "e2el_s"):
+            value = getattr(self, key)
+            if value is not None:
+                check(0 < value < math.inf, f"slo.{key}", value, "null or seconds > 0")
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.ttft_s, self.tpot_s, self.e2el_s))
+
+
+@dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_location: str = "mlruns/artifacts"
@@ -128,6 +147,8 @@ class TrialConfig:
     model: Any = MISSING
     dataset: Any = MISSING
     workload: Any = MISSING
+    load: Any = MISSING
+    slo: SLOConfig = field(default_factory=SLOConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment_name: str = "sweeper"
 
@@ -200,6 +221,7 @@ class TrialConfig:
                 "1 with greedy decoding (temperature=0); sample with temperature > 0",
             )
         self.workload.check(self)
+        self.load.check(self)
 
 
 def asset_path(name: str) -> str:
@@ -216,6 +238,7 @@ def register_configs() -> None:
 
     from sweeper.engines.hf.config import HFEngineConfig
     from sweeper.engines.vllm.config import VLLMEngineConfig
+    from sweeper.loads.config import LOAD_CONFIGS
     from sweeper.tasks.config import DATASET_CONFIGS
     from sweeper.workloads.config import WORKLOAD_CONFIGS
 
@@ -229,4 +252,6 @@ def register_configs() -> None:
         cs.store(group="dataset", name=node.name, node=node)
     for node in WORKLOAD_CONFIGS:
         cs.store(group="workload", name=node.name, node=node)
+    for node in LOAD_CONFIGS:
+        cs.store(group="load", name=node.name, node=node)
     cs.store(name="schema_model", node=ModelConfig)

@@ -13,7 +13,9 @@ Peak memory is sampled throughout (it is a peak: warm-up does not inflate it bey
 
 from __future__ import annotations
 
+import math
 import platform
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 from sweeper.config import ConfigError, TrialConfig
 from sweeper.data import DataError, LoadedSample, Sample, prefetch
 from sweeper.engines import ENGINE_CACHE, Engine
+from sweeper.loads import Measured, build_load
 from sweeper.metrics.memory import PeakMemoryTracker
 from sweeper.metrics.performance import batch_efficiency, summarize
 from sweeper.metrics.stats import combine_repeats
@@ -40,6 +43,8 @@ class TrialResult:
     predictions: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # under dataset.on_error=skip
     repeats: list[dict[str, float]] = field(default_factory=list)  # each measured run's metrics
+    # A rate sweep's steps: (label, metrics, tags) each, logged as child runs.
+    steps: list[tuple[str, dict[str, float], dict[str, str]]] = field(default_factory=list)
 
 
 def check_trial(trial: TrialConfig) -> ModelInfo:
@@ -55,6 +60,8 @@ def check_trial(trial: TrialConfig) -> ModelInfo:
             f"type {model.model_type!r} takes no images",
         )
     trial.engine.check(trial, model)
+    if trial.load.open and (why := trial.engine.open_load_refusal(trial)):
+        raise ConfigError("load", trial.load.name, why)
     chat_prompts(model, trial.model.chat_template)  # refuses a model without a chat template
     return model
 
@@ -79,8 +86,9 @@ def _calibrate(
     decoding: DecodingParams,
     serving: ServingParams,
     repeats: int,
-) -> dict[str, float]:
-    """batch_efficiency on `items`: batched against one at a time, interleaved `repeats` times."""
+) -> tuple[dict[str, float], float]:
+    """batch_efficiency on `items`: batched against one at a time, interleaved `repeats` times;
+    and the median requests/s one at a time."""
     one = replace(serving, batch_size=1)
     # An untimed pass of each shape first: its first call may compile or capture graphs, which
     # the measured run (after warm-up at batch_size) never pays.
@@ -90,39 +98,38 @@ def _calibrate(
     for _ in range(repeats):
         batched.append(_requests_per_s(workload, engine, items, decoding, serving))
         single.append(_requests_per_s(workload, engine, items, decoding, one))
-    return batch_efficiency(batched, single, min(serving.batch_size, len(items)))
+    efficiency = batch_efficiency(batched, single, min(serving.batch_size, len(items)))
+    return efficiency, statistics.median(single)
 
 
-def _measure(
+def _score(
     trial: TrialConfig,
-    engine: Engine,
-    workload: Workload,
     task: Task,
-    items: Iterable[LoadedSample],
+    workload: Workload,
+    measured: Measured,
     samples: list[Sample],
-    on_done: Callable[[int], None],
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """One measured run over every item, from a cold prefix cache: its metrics and the task's
-    prediction rows."""
-    engine.reset_prefix_cache()  # no reuse of the earlier phases' identical prompts
-    torch.manual_seed(trial.seed)
-    decoding, serving = DecodingParams.from_trial(trial), ServingParams.from_trial(trial)
-    with engine.own_metrics() as own_metrics:
-        start = engine.now()
-        completions = workload.run(engine, items, decoding, serving, on_done)
-        generation_s = engine.now() - start
+    """A measurement's metrics (the one metrics function, the load's and the engine's own, the
+    task's scores) and the task's prediction rows."""
+    completions = measured.completions
     if not completions:
         raise DataError(f"dataset '{trial.dataset.name}': no image could be decoded")
     # By id: a sample whose image fails to decode (on_error=skip) has no completion.
     by_id = {sample.question_id: sample for sample in samples}
     predictions = [task.record(by_id[c.request_id], c, workload.reasoning) for c in completions]
-    metrics = summarize([c.timing for c in completions], generation_s)
+    metrics = summarize([c.timing for c in completions], measured.window_s, trial.slo)
     # An engine behind HTTP sees no prefill of its own: the server's means (own metrics) stand in.
-    metrics.update(own_metrics)
+    metrics.update(measured.metrics)
     metrics["context_load_s"] = metrics["preprocess_s"] + metrics["prefill_s"]
     if not trial.ignore_eos:
         metrics.update(task.aggregate(predictions))
     return metrics, predictions
+
+
+def _headline(steps: list[dict[str, float]]) -> int:
+    """The step a rate sweep reports as the trial's: the highest goodput, else throughput."""
+    key = "goodput_rps" if "goodput_rps" in steps[0] else "tps"
+    return max(range(len(steps)), key=lambda i: steps[i][key])
 
 
 def _device_tags(device: str) -> dict[str, str]:
@@ -166,13 +173,14 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
         workload.run(engine, prefetch(warmup, depth, data_report), decoding, serving)
 
         efficiency = {"batch_efficiency": 1.0, "batch_speedup": 1.0}  # exact for batch_size 1
-        if trial.batch_size > 1:
+        single_rps = math.nan
+        if trial.batch_size > 1 or trial.load.open:
             calibration = list(prefetch(samples[: trial.calibration_samples], depth, data_report))
-            efficiency = _calibrate(
+            efficiency, single_rps = _calibrate(
                 workload, engine, calibration, decoding, serving, trial.calibration_repeats
             )
 
-        done, total = 0, len(samples) * trial.repeats
+        done, total = 0, len(samples) * trial.repeats * getattr(trial.load, "steps", 1)
 
         def on_done(count: int) -> None:
             nonlocal done
@@ -180,14 +188,27 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
             if progress is not None:
                 progress(done, total)
 
-        runs = []
-        for _ in range(trial.repeats):
-            measured = prefetch(samples, depth, data_report)
-            runs.append(_measure(trial, engine, workload, task, measured, samples, on_done))
+        def items() -> Iterable[LoadedSample]:
+            engine.reset_prefix_cache()  # no reuse of the earlier phases' identical prompts
+            torch.manual_seed(trial.seed)
+            return prefetch(samples, depth, data_report)
 
-    metrics = combine_repeats([run for run, _ in runs])
-    predictions = runs[-1][1]
-    metrics.update(efficiency)
+        load = build_load(trial.load)
+        runs = [  # repeats x steps
+            load.measure(engine, workload, items, len(samples), decoding, serving, on_done)
+            for _ in range(trial.repeats)
+        ]
+
+    scored = [[_score(trial, task, workload, step, samples) for step in run] for run in runs]
+    steps = [combine_repeats([run[index][0] for run in scored]) for index in range(len(runs[0]))]
+    headline = _headline(steps)
+    metrics, predictions = steps[headline], scored[-1][headline][1]
+    if trial.load.open:  # batching under load: requests/s against the requests in flight
+        metrics["batch_efficiency"] = metrics["requests_per_s"] / (
+            metrics["requests_in_flight"] * single_rps
+        )
+    else:
+        metrics.update(efficiency)
     report = memory.report()
     metrics["peak_mem_gb"] = report.peak_mem_gb
     if report.torch_peak_allocated_gb is not None:
@@ -197,6 +218,11 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
         metrics["model_load_s"] = loaded.load_s
 
     metrics["num_samples_measured"] = float(len(predictions))
+    step_runs = [
+        (step.label, combined, step.tags)
+        for step, combined in zip(runs[-1], steps, strict=True)
+        if len(steps) > 1
+    ]
     metrics["skipped_samples"] = float(len(data_report.skipped))
 
     tags = {
@@ -211,11 +237,16 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
         **_device_tags(engine.device),
         **data_report.tags,
         **engine.tags(),
+        **runs[-1][headline].tags,
+        "load": trial.load.name,
     }
+    if len(steps) > 1:
+        tags["rate_sweep_step"] = runs[-1][headline].label
     tags["accuracy_metric"] = task.metric
     if trial.ignore_eos:  # the engines' texts run on past the answer, each engine differently
         tags["accuracy_metric"] = "not logged: ignore_eos=true generates past EOS"
     if trial.model.random_weights:
         tags["random_weights"] = "random weights: accuracy is meaningless"
     skipped = [asdict(s) for s in data_report.skipped]
-    return TrialResult(metrics, tags, predictions, skipped, [run for run, _ in runs])
+    repeats = [run[headline][0] for run in scored]
+    return TrialResult(metrics, tags, predictions, skipped, repeats, step_runs)

@@ -89,7 +89,9 @@ class Engine(ABC):
         """Every request submitted as it comes, at most `serving.batch_size` running at once."""
         raise NotImplementedError(f"{type(self).__name__} has no continuous batching")
 
-    def submit(self, request: Request, decoding: DecodingParams) -> Future[Completion]:
+    def submit(
+        self, request: Request, decoding: DecodingParams, serving: ServingParams
+    ) -> Future[Completion]:
         """Hand one request to the running engine now, from any thread; the future completes
         with its answer (or its error). What the open loads (concurrency, rate) drive: the
         request's clock starts at this call, and its `itl_s` are the gaps between the chunks

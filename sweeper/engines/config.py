@@ -22,6 +22,11 @@ class EngineConfig:
     def check(self, trial: Any, model: ModelInfo) -> None:
         """Refuse (ConfigError) what this engine cannot run for `trial` on `model`, before load."""
 
+    def open_load_refusal(self, trial: Any) -> str | None:
+        """Why this engine cannot serve `trial`'s open load (requests sent one by one as the
+        load schedules them, `Engine.submit`), or None when it can."""
+        return f"offline with engine={self.name}: it cannot take requests as they come"
+
     def load_options(self, trial: Any) -> dict[str, Any]:
         """Trial keys the engine fixes when it loads (e.g. vLLM's scheduler limits): keyword
         arguments of its constructor, and part of the engine cache key, so a trial that changes

@@ -29,9 +29,14 @@ Per request (one question; with num_samples > 1, all its sequences), the same in
   `num_samples` sequences is not counted (it saves prefill time, not prompt tokens).
 
 Per trial:
-- `tps`: output tokens of all requests / wall time of the generation phase (all batches,
-  preprocessing included, warm-up and calibration excluded).
-- means and p50/p90/p99 of `ttft_s`; means of the rest.
+- `tps`: output tokens of all requests / wall time of the measured window (all batches,
+  preprocessing included, warm-up and calibration excluded; under an open load, from the first
+  measured request's sending to the last one's answer, the load's warm-up and cool-down
+  requests left out).
+- means, and p50/p90/p99 of `ttft_s`, `tpot_s`, `itl_s` (every gap between streamed chunks,
+  pooled over requests; open loads) and `latency_s` (E2EL); means of the rest.
+- `goodput_rps`: requests/s over the window that met every service-level objective set
+  (`slo.ttft_s`, `slo.tpot_s`, `slo.e2el_s`); `slo_attainment`: their share of the requests.
 - `prefix_cache_hit_rate` = cached prompt tokens / prompt tokens, over all requests.
 - `batch_efficiency` = requests/s at batch_size / (batch x requests/s one at a time), both on
   the same calibration slice, where batch = min(batch_size, requests in the slice): the batch
@@ -48,6 +53,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -82,34 +88,64 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(known)) if known else math.nan
 
 
-def summarize(timings: list[RequestTiming], generation_wall_s: float) -> dict[str, float]:
-    """Trial-level performance metrics from per-request timings and the phase's wall time."""
+def _percentiles(name: str, values: list[float]) -> dict[str, float]:
+    """`<name>_p50_s`, `_p90_s`, `_p99_s` of the values (nan when there are none)."""
+    stem = name.removesuffix("_s")
+    found = np.percentile(values, [50, 90, 99]) if values else [math.nan] * 3
+    return {f"{stem}_p{p}_s": float(v) for p, v in zip((50, 90, 99), found, strict=True)}
+
+
+def meets(timing: RequestTiming, slo: Any) -> bool:
+    """Whether the request met every service-level objective set (a request of one output token
+    has no TPOT to miss)."""
+    return (
+        (slo.ttft_s is None or timing.ttft_s <= slo.ttft_s)
+        and (slo.tpot_s is None or timing.tpot_s is None or timing.tpot_s <= slo.tpot_s)
+        and (slo.e2el_s is None or timing.latency_s <= slo.e2el_s)
+    )
+
+
+def summarize(
+    timings: list[RequestTiming], generation_wall_s: float, slo: Any | None = None
+) -> dict[str, float]:
+    """Trial-level performance metrics from per-request timings and the measured window's wall
+    time: means, and the p50/p90/p99 of TTFT, TPOT, ITL (every gap between streamed chunks,
+    pooled) and E2EL (`latency_s`), as vLLM's bench serve reports them; with objectives (`slo`:
+    `ttft_s`, `tpot_s`, `e2el_s`) the goodput, requests/s that met them all, and their share."""
     if not timings:
         raise ValueError("no requests were measured")
     ttfts = [t.ttft_s for t in timings]
     tpots = [t.tpot_s for t in timings if t.tpot_s is not None]
-    p50, p90, p99 = np.percentile(ttfts, [50, 90, 99])
+    itls = [gap for t in timings for gap in t.itl_s]
+    latencies = [t.latency_s for t in timings]
     output_tokens = sum(t.output_tokens for t in timings)
     prompt_tokens = sum(t.prompt_tokens for t in timings)
     cached = sum(t.cached_prompt_tokens for t in timings)
-    return {
+    metrics = {
         "tps": output_tokens / generation_wall_s,
         "ttft_s": _mean(ttfts),
-        "ttft_p50_s": float(p50),
-        "ttft_p90_s": float(p90),
-        "ttft_p99_s": float(p99),
+        **_percentiles("ttft_s", ttfts),
         "tpot_s": _mean(tpots),
+        **_percentiles("tpot_s", tpots),
         "preprocess_s": _mean([t.preprocess_s for t in timings]),
         "queue_s": _mean([t.queue_s for t in timings]),
         "prefill_s": _mean([t.prefill_s for t in timings]),
-        "context_load_s": _mean([t.context_load_s for t in timings]),
-        "latency_s": _mean([t.latency_s for t in timings]),
+        "latency_s": _mean(latencies),
+        **_percentiles("latency_s", latencies),
         "requests_per_s": len(timings) / generation_wall_s,
         "generation_s": generation_wall_s,
         "output_tokens": float(output_tokens),
         "prompt_tokens": float(prompt_tokens),
         "prefix_cache_hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
     }
+    metrics["context_load_s"] = metrics["preprocess_s"] + metrics["prefill_s"]
+    if itls:
+        metrics.update({"itl_s": _mean(itls), **_percentiles("itl_s", itls)})
+    if slo is not None and slo.any:
+        good = sum(meets(t, slo) for t in timings)
+        metrics["goodput_rps"] = good / generation_wall_s
+        metrics["slo_attainment"] = good / len(timings)
+    return metrics
 
 
 def batch_efficiency(

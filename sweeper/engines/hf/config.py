@@ -139,6 +139,14 @@ class HFEngineConfig(EngineConfig):
                 raise ConfigError(key, value, allowed)
         self._check_accelerations(trial, model)
 
+    def open_load_refusal(self, trial: Any) -> str | None:
+        if not trial.continuous_batching:
+            return (
+                f"offline with engine=hf and continuous_batching=false; load={trial.load.name} "
+                "needs continuous_batching=true (requests join transformers' running batch)"
+            )
+        return None
+
     def _graphed_refusals(self, trial: Any) -> list[tuple[bool, str, Any, str]]:
         return [
             (

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from sweeper.engines.hf.accel.fused import fuse_projections
 from sweeper.engines.hf.accel.graphed import DecodeRun, GraphedDecoder
 from sweeper.engines.hf.accel.prefix import PrefixCaching
 from sweeper.engines.hf.config import Attention, DecodeLoop, HFEngineConfig
-from sweeper.engines.hf.continuous import ContinuousBatching
+from sweeper.engines.hf.continuous import Answer, ContinuousBatching
 from sweeper.engines.hf.generation import (
     PrefillClock,
     TokenClock,
@@ -231,6 +232,53 @@ class HFEngine(Engine):
         tokens = output[:, prompt_len:].tolist()
         return DecodeRun(tokens, prefill_clock.prefill_done, token_clock.step_times), cached
 
+    def submit(
+        self, request: Request, decoding: DecodingParams, serving: ServingParams
+    ) -> Future[Completion]:
+        """One request into transformers' running continuous batch (the config refuses open
+        loads without continuous_batching=true); its times from the manager's token stamps."""
+        submitted = time.perf_counter()
+        prompt = self.chat.token_ids(self.chat.text(request.messages))
+        preprocess_s = request.prepare_s + time.perf_counter() - submitted
+        done: Future[Completion] = Future()
+
+        def finish(answered: Future[Answer]) -> None:
+            try:
+                answer = answered.result()
+                completion = self._continuous_completion(
+                    request, answer, prompt, submitted, preprocess_s
+                )
+                done.set_result(completion)
+            except BaseException as error:
+                done.set_exception(error)
+
+        self.continuous.submit(prompt, decoding, serving).add_done_callback(finish)
+        return done
+
+    def _continuous_completion(
+        self,
+        request: Request,
+        answer: Answer,
+        prompt: list[int],
+        submitted: float,
+        preprocess_s: float,
+    ) -> Completion:
+        completion = self._completion(
+            request,
+            answer.sequences,
+            answer.times,
+            submitted,
+            preprocess_s=preprocess_s,
+            queue_s=answer.started - answer.created,
+            # Prefill: from the step that took the request in to its first token.
+            prefill_s=min(t[0] for t in answer.times) - answer.started,
+            prompt_tokens=len(prompt),
+            cached_prompt_tokens=answer.cached_prompt_tokens,
+        )
+        first = answer.times[0]
+        completion.timing.itl_s = [b - a for a, b in zip(first, first[1:], strict=False)]
+        return completion
+
     @torch.inference_mode()
     def run_continuous(
         self,
@@ -251,23 +299,15 @@ class HFEngine(Engine):
             prompts.append(self.chat.token_ids(self.chat.text(request.messages)))
             preprocess.append(request.prepare_s + time.perf_counter() - start)
         answers = self.continuous.answer(prompts, decoding, serving, on_done)
-        return [
-            self._completion(
-                request,
-                answer.sequences,
-                answer.times,
-                submitted,
-                preprocess_s=prep,
-                queue_s=answer.started - answer.created,
-                # Prefill: from the step that took the request in to its first token.
-                prefill_s=min(t[0] for t in answer.times) - answer.started,
-                prompt_tokens=len(prompt),
-                cached_prompt_tokens=answer.cached_prompt_tokens,
-            )
+        completions = [
+            self._continuous_completion(request, answer, prompt, submitted, prep)
             for request, answer, prompt, prep in zip(
                 requests, answers, prompts, preprocess, strict=True
             )
         ]
+        for completion in completions:  # returned whole, as offline runs are everywhere
+            completion.timing.itl_s = []
+        return completions
 
     def close(self) -> None:
         self.continuous.stop()

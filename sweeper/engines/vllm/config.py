@@ -209,6 +209,14 @@ class VLLMEngineConfig(EngineConfig):
             "implementation of that architecture",
         )
 
+    def open_load_refusal(self, trial: Any) -> str | None:
+        if self.frontend != Frontend["async"]:
+            return (
+                f"offline with engine.frontend=llm; load={trial.load.name} needs "
+                "engine.frontend=async (AsyncLLM takes requests as they come, as vllm serve)"
+            )
+        return None
+
     def load_options(self, trial: Any) -> dict[str, Any]:
         """Under continuous batching vLLM's scheduler runs at most batch_size x num_samples
         sequences (each of a request's samples is a sequence of its own)."""

@@ -92,6 +92,7 @@ import gc
 import os
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -107,12 +108,19 @@ from sweeper.engines.toolkit.prometheus import totals, vllm_own_metrics
 from sweeper.engines.toolkit.timing import Marks, request_timing
 from sweeper.engines.vllm.beam import beam_search
 from sweeper.engines.vllm.config import VLLMEngineConfig
-from sweeper.engines.vllm.frontends import FRONTENDS, OfflineFrontend, Refused, Submission
+from sweeper.engines.vllm.frontends import (
+    FRONTENDS,
+    AsyncFrontend,
+    OfflineFrontend,
+    Refused,
+    Submission,
+)
 from sweeper.models import has_weights
 from sweeper.requests import Completion, DecodingParams, Request, ServingParams
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
 GIB = 1024**3
 # On CPU vLLM reads gpu_memory_utilization as a share of all RAM and fails to start when other
@@ -246,7 +254,9 @@ class VLLMEngine(Engine):
         metrics.update(vllm_own_metrics(before, self._counters()))
 
     @staticmethod
-    def _sampling_params(decoding: DecodingParams) -> SamplingParams:
+    def _sampling_params(
+        decoding: DecodingParams, output_kind: RequestOutputKind | None = None
+    ) -> SamplingParams:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -258,8 +268,8 @@ class VLLMEngine(Engine):
             top_p=decoding.top_p,
             seed=decoding.seed,
             ignore_eos=decoding.ignore_eos,
-            # Only the final output per request (the offline LLM sets it itself).
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            # Only the final output per request (the offline LLM sets it itself), unless streamed.
+            output_kind=output_kind or RequestOutputKind.FINAL_ONLY,
         )
 
     def reset_prefix_cache(self) -> None:
@@ -329,6 +339,51 @@ class VLLMEngine(Engine):
             output_tokens=sum(len(ids) for ids in token_ids),
             cached_prompt_tokens=output.num_cached_tokens or 0,
         )
+        texts = [sequence.text for sequence in output.outputs]
+        return Completion(submission.request.id, texts, token_ids, timing)
+
+    def submit(
+        self, request: Request, decoding: DecodingParams, serving: ServingParams
+    ) -> Future[Completion]:
+        """One request now, through AsyncLLM (the config refuses the offline frontend for open
+        loads); its outputs streamed, so that TTFT, ITL and E2EL are the times this process saw
+        its chunks, as vLLM's bench serve times a server's."""
+        from vllm.sampling_params import RequestOutputKind
+
+        assert isinstance(self.frontend, AsyncFrontend)
+        (submission,) = self._submissions([request], None)
+        params = self._sampling_params(decoding, RequestOutputKind.CUMULATIVE)
+        done: Future[Completion] = Future()
+
+        def finish(streamed: Future[tuple[RequestOutput, list[float]]]) -> None:
+            try:
+                output, arrivals = streamed.result()
+                done.set_result(self._streamed(submission, output, arrivals))
+            except BaseException as error:  # a refused prompt, an aborted request
+                refused = error.error if isinstance(error, Refused) else error
+                done.set_exception(self._too_long(refused, f"request {request.id}"))
+
+        self.frontend.stream(submission, params).add_done_callback(finish)
+        return done
+
+    def _streamed(
+        self, submission: Submission, output: RequestOutput, arrivals: list[float]
+    ) -> Completion:
+        """A streamed request's completion, its times on this process's clock."""
+        stats = output.metrics
+        token_ids = [list(sequence.token_ids) for sequence in output.outputs]
+        longest = max(len(ids) for ids in token_ids)
+        marks = Marks(submission.started, arrivals[0], arrivals[-1], longest)
+        timing = request_timing(
+            marks,
+            preprocess_s=submission.preprocess_s,
+            queue_s=stats.scheduled_ts - stats.queued_ts,
+            prefill_s=stats.first_token_ts - stats.scheduled_ts,
+            prompt_tokens=len(output.prompt_token_ids),
+            output_tokens=sum(len(ids) for ids in token_ids),
+            cached_prompt_tokens=output.num_cached_tokens or 0,
+        )
+        timing.itl_s = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
         texts = [sequence.text for sequence in output.outputs]
         return Completion(submission.request.id, texts, token_ids, timing)
 

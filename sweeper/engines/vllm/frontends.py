@@ -23,6 +23,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Coroutine, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -319,6 +320,31 @@ class AsyncFrontend(VLLMFrontend):
             return await self.llm.add_request(request_id, engine_input, params)
         except VLLMValidationError as error:
             raise Refused(request, error) from error
+
+    def stream(
+        self, request: Submission, params: SamplingParams
+    ) -> Future[tuple[RequestOutput, list[float]]]:
+        """Hand one request over now (its outputs streamed, `params` cumulative); a future of its
+        final output and the perf_counter time each output chunk arrived in this process."""
+        return asyncio.run_coroutine_threadsafe(self._stream(request, params), self._loop)
+
+    async def _stream(
+        self, request: Submission, params: SamplingParams
+    ) -> tuple[RequestOutput, list[float]]:
+        request_id = str(next(self._request_ids))
+        collector = await self._add(request, await self._render(request), params, request_id)
+        request.handed_over()
+        arrivals: list[float] = []
+        try:
+            while True:
+                output = await collector.get()
+                arrivals.append(time.perf_counter())
+                if output.finished:
+                    return output, arrivals
+        except BaseException:
+            if not self.llm.errored:
+                await self.llm.abort([request_id])
+            raise
 
     async def _answer(
         self,
