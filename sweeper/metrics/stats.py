@@ -26,11 +26,14 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
 
 
 def combine_repeats(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Each metric of the runs as its mean, with `<metric>_ci95` when there are several runs."""
+    """Each metric of the runs as its mean, with `<metric>_ci95` over the runs when there are
+    several; a metric that carries an interval of its own (accuracy: over the questions) keeps
+    the mean of those."""
     combined: dict[str, float] = {}
     for name in runs[0]:
         mean, half_width = mean_ci95([run[name] for run in runs if name in run])
         combined[name] = mean
-        if len(runs) > 1:
+        own = name.endswith(CI_SUFFIX) or name + CI_SUFFIX in runs[0]
+        if len(runs) > 1 and not own:
             combined[name + CI_SUFFIX] = half_width
     return combined

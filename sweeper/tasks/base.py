@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from sweeper.data import LoadReport, Sample, load_samples
 from sweeper.metrics import majority_vote
+from sweeper.metrics.stats import CI_SUFFIX, mean_ci95
 from sweeper.requests import Completion
 
 ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -120,8 +121,12 @@ class Task(ABC):
         }
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        """The trial's task metrics: each score's mean over the records (`score`: `accuracy`)."""
-        return {
+        """The trial's task metrics: each score's mean over the records (`score`: `accuracy`),
+        and the half-width of the accuracy's 95% interval over the questions
+        (`accuracy_ci95`: what a recommendation may not tell apart)."""
+        metrics = {
             "accuracy" if name == "score" else name: sum(r[name] for r in records) / len(records)
             for name in self.scores
         }
+        metrics["accuracy" + CI_SUFFIX] = mean_ci95([r["score"] for r in records])[1]
+        return metrics

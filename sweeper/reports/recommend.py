@@ -1,0 +1,154 @@
+"""From a sweep to an answer: its trials ranked by a stated rule, the Pareto front marked, the
+setting to serve with chosen, and the command that reproduces it.
+
+Rules (`select=`):
+- `throughput_within_accuracy` (default): the highest throughput among the trials whose
+  accuracy is within the 95% interval of the best accuracy (`accuracy_ci95`: over the questions,
+  or over repeats) and whose peak memory is within `budget_gb` when one is set;
+- `accuracy`: the most accurate (ties: the faster);
+- `throughput`: the fastest, accuracy ignored;
+- `memory`: the least peak memory (ties: the faster).
+Throughput is `goodput_rps` where the trials measured it (serving loads with objectives), else
+`tps`. A trial whose throughput lies within the chosen one's 95% interval is marked as not
+distinguishable from it (`≈`): with repeats, such a difference is noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from sweeper.metrics.stats import CI_SUFFIX
+
+
+class Rule(StrEnum):
+    throughput_within_accuracy = "throughput_within_accuracy"
+    accuracy = "accuracy"
+    throughput = "throughput"
+    memory = "memory"
+
+
+RULES = {
+    Rule.throughput_within_accuracy: (
+        "the highest {throughput} whose accuracy is within the 95% interval of the best"
+    ),
+    Rule.accuracy: "the highest accuracy (ties: the higher {throughput})",
+    Rule.throughput: "the highest {throughput}, accuracy ignored",
+    Rule.memory: "the least peak memory (ties: the higher {throughput})",
+}
+
+
+@dataclass
+class Trial:
+    """A finished trial as the answer sees it."""
+
+    name: str  # its number in the sweep or study
+    overrides: list[str]  # the trial's own overrides: what reproduces it
+    metrics: dict[str, float]
+    run_id: str = ""
+    label: str = ""  # the overrides that vary across the sweep
+    on_front: bool = False
+    eligible: bool = True
+    close_to_chosen: bool = False
+
+    def value(self, metric: str) -> float:
+        value = self.metrics.get(metric, math.nan)
+        return value if value is not None else math.nan
+
+    @property
+    def command(self) -> str:
+        return " ".join(["python -m sweeper", *self.overrides])
+
+
+@dataclass
+class Answer:
+    ranked: list[Trial]
+    chosen: Trial | None
+    rule: str  # the rule, in words
+    throughput: str  # the metric the rule reads as throughput
+    notes: list[str] = field(default_factory=list)
+
+
+def throughput_metric(trials: Sequence[Trial]) -> str:
+    measured = [t for t in trials if math.isfinite(t.value("goodput_rps"))]
+    return "goodput_rps" if measured and len(measured) == len(trials) else "tps"
+
+
+def _dominates(a: Trial, b: Trial, throughput: str) -> bool:
+    higher = [
+        (a.value("accuracy"), b.value("accuracy")),
+        (a.value(throughput), b.value(throughput)),
+    ]
+    lower = [(a.value("peak_mem_gb"), b.value("peak_mem_gb"))]
+    pairs = higher + [(-x, -y) for x, y in lower]
+    known = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
+    return all(x >= y for x, y in known) and any(x > y for x, y in known)
+
+
+def mark_front(trials: Sequence[Trial], throughput: str) -> None:
+    """★: no other trial is at least as good in accuracy, throughput and memory, and better in
+    one of them."""
+    for trial in trials:
+        trial.on_front = not any(_dominates(other, trial, throughput) for other in trials)
+
+
+def label_varying(trials: Sequence[Trial]) -> None:
+    """Label each trial with its overrides whose values differ across the trials (the fixed
+    ones, such as tracking.uri, would drown what was swept)."""
+    parsed = [dict(o.split("=", 1) for o in t.overrides if "=" in o) for t in trials]
+    varying = {k for one in parsed for k in one if len({p.get(k) for p in parsed}) > 1}
+    for trial, one in zip(trials, parsed, strict=True):
+        picked = [f"{k}={v}" for k, v in one.items() if k in varying]
+        trial.label = " ".join(picked) or "defaults"
+
+
+def recommend(
+    trials: Sequence[Trial],
+    rule: str = Rule.throughput_within_accuracy,
+    budget_gb: float | None = None,
+) -> Answer:
+    """The trials ranked by `rule` (the eligible ones first), and the chosen one."""
+    trials = [t for t in trials if math.isfinite(t.value("tps"))]
+    throughput = throughput_metric(trials)
+    words = RULES[Rule(rule)].format(throughput=throughput)
+    if budget_gb is not None:
+        words += f", within {budget_gb:g} GiB of peak memory"
+    notes: list[str] = []
+    if not trials:
+        return Answer([], None, words, throughput, ["no finished trial to choose from"])
+    mark_front(trials, throughput)
+    label_varying(trials)
+    for trial in trials:
+        trial.eligible = budget_gb is None or trial.value("peak_mem_gb") <= budget_gb
+    if Rule(rule) is Rule.throughput_within_accuracy:
+        accurate = [t for t in trials if math.isfinite(t.value("accuracy"))]
+        if accurate:
+            best = max(accurate, key=lambda t: t.value("accuracy"))
+            width = best.value("accuracy" + CI_SUFFIX)
+            floor = best.value("accuracy") - (width if math.isfinite(width) else 0.0)
+            for trial in trials:
+                trial.eligible &= trial.value("accuracy") >= floor
+        else:
+            notes.append("no trial logged accuracy: the fastest is chosen")
+    key = {
+        Rule.throughput_within_accuracy: lambda t: (t.value(throughput),),
+        Rule.accuracy: lambda t: (t.value("accuracy"), t.value(throughput)),
+        Rule.throughput: lambda t: (t.value(throughput),),
+        Rule.memory: lambda t: (-t.value("peak_mem_gb"), t.value(throughput)),
+    }[Rule(rule)]
+
+    def order(trial: Trial) -> tuple[float, ...]:
+        return (trial.eligible, *(v if math.isfinite(v) else -math.inf for v in key(trial)))
+
+    ranked = sorted(trials, key=order, reverse=True)
+    chosen = ranked[0] if ranked[0].eligible else None
+    if chosen is None:
+        notes.append("no trial meets the rule (memory budget): none is recommended")
+    else:
+        width = chosen.value(throughput + CI_SUFFIX)
+        for trial in ranked[1:]:
+            gap = abs(chosen.value(throughput) - trial.value(throughput))
+            trial.close_to_chosen = math.isfinite(width) and gap <= width
+    return Answer(ranked, chosen, words, throughput, notes)
