@@ -23,7 +23,7 @@ from sweeper.config import ConfigError, TrialConfig
 from sweeper.data import DataError, LoadedSample, Sample, prefetch
 from sweeper.engines import ENGINE_CACHE, Engine
 from sweeper.metrics.memory import PeakMemoryTracker
-from sweeper.metrics.performance import batch_efficiency, summarize
+from sweeper.metrics.performance import RequestTiming, batch_efficiency, summarize
 from sweeper.models import resolve_model_path
 from sweeper.models.info import ModelInfo, model_info
 from sweeper.requests import DecodingParams, ServingParams
@@ -54,6 +54,32 @@ def check_trial(trial: TrialConfig) -> ModelInfo:
     trial.engine.check(trial, model)
     chat_prompts(model, trial.model.chat_template)  # refuses a model without a chat template
     return model
+
+
+# What run_trial adds to the performance summary and the task's scores.
+TRIAL_METRICS = (
+    "peak_mem_gb",
+    "torch_peak_allocated_gb",
+    "torch_peak_reserved_gb",
+    "model_load_s",
+    "num_samples_measured",
+    "skipped_samples",
+)
+
+
+def metric_names() -> set[str]:
+    """Every metric a trial can return, whatever its engine, task and device: what a study's
+    objectives and constraints are checked against before its first trial."""
+    from sweeper.engines.toolkit.prometheus import OWN_METRICS
+    from sweeper.tasks.config import DATASET_CONFIGS
+
+    # The summaries' own keys, from the functions that make them.
+    timing = RequestTiming(0.0, 0.0, 0.0, 0.0, None, 1, 1)
+    names = {*summarize([timing], 1.0), *batch_efficiency(1.0, 1.0, 1), *TRIAL_METRICS}
+    names |= set(OWN_METRICS)
+    for dataset in DATASET_CONFIGS:
+        names |= set(task_class(dataset).aggregate_names())
+    return names
 
 
 def _requests_per_s(

@@ -10,6 +10,10 @@ from collections.abc import Mapping
 TTFT = "vllm:time_to_first_token_seconds"
 PREFIX_QUERIES = "vllm:prefix_cache_queries"
 PREFIX_HITS = "vllm:prefix_cache_hits"
+# What `vllm_own_metrics` returns (each when its counters moved).
+VLLM_TTFT = "vllm_ttft_s"
+VLLM_PREFIX_CACHE_HIT_RATE = "vllm_prefix_cache_hit_rate"
+OWN_METRICS = (VLLM_TTFT, VLLM_PREFIX_CACHE_HIT_RATE)
 
 
 def totals(samples: Mapping[str, float] | list[tuple[str, float]]) -> dict[str, float]:
@@ -31,7 +35,7 @@ def vllm_own_metrics(before: Mapping[str, float], after: Mapping[str, float]) ->
 
     metrics = {}
     if count := delta(f"{TTFT}_count"):
-        metrics["vllm_ttft_s"] = delta(f"{TTFT}_sum") / count
+        metrics[VLLM_TTFT] = delta(f"{TTFT}_sum") / count
     if queries := delta(PREFIX_QUERIES):
-        metrics["vllm_prefix_cache_hit_rate"] = delta(PREFIX_HITS) / queries
+        metrics[VLLM_PREFIX_CACHE_HIT_RATE] = delta(PREFIX_HITS) / queries
     return metrics
