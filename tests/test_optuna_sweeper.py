@@ -478,8 +478,9 @@ def test_plugin_ships_in_the_package() -> None:
 def test_an_objective_a_trial_lacks_fails_its_mlflow_run_too(tmp_path: Path, store: dict) -> None:
     """vllm_ttft_s is a metric only engine=vllm returns: an engine=hf trial runs, and then both
     Optuna and MLflow say it failed (MLflow said FINISHED while Optuna said FAIL)."""
-    args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "batch_size=1"]
-    args += ["hydra.sweeper.objectives=[vllm_ttft_s:min]", *FAST, *store["args"]]
+    args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "batch_size=1,2"]
+    args += ["hydra.sweeper.n_trials=1", "hydra.sweeper.objectives=[vllm_ttft_s:min]"]
+    args += [*FAST, *store["args"]]
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     (trial,) = _study(tmp_path).trials
