@@ -100,6 +100,9 @@ def test_redact_masks_every_url_password() -> None:
         "cannot reach postgresql://alice:***@db:5432/x, http://u:***@h:1/ and 'mysql://:***@h'"
     )
     assert redact("sqlite:///mlruns/mlflow.db") == "sqlite:///mlruns/mlflow.db"
+    # As Hydra escapes an override in .hydra/overrides.yaml and the overrides sweeper tags with.
+    escaped = r"- tracking.uri=postgresql\://alice\:S3cr@t@db\:5432/x"
+    assert redact(escaped) == r"- tracking.uri=postgresql\://alice\:***@db\:5432/x"
 
 
 def _files(root: Path) -> Iterator[Path]:

@@ -33,16 +33,18 @@ HTTP_PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
 MASK = "***"
 
 # scheme://user:password@ (user may be empty); the password runs to the last '@' before the host
-# part, so that an unencoded '@' or ':' in it is masked whole.
+# part, so that an unencoded '@' or ':' in it is masked whole. Hydra writes an override's ':' as
+# '\:' (in overrides.yaml, hydra.yaml and the override lines sweeper tags runs with).
 _USERINFO = re.compile(
-    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^\s:/@'\"]*):(?P<password>[^\s/'\"]*)@"
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://)(?P<user>[^\s:/@'\"\\]*)(?P<colon>\\?:)"
+    r"(?P<password>[^\s/'\"]*)@"
 )
 _HTTP = ("http://", "https://")
 
 
 def redact(text: str) -> str:
     """`text` with the password of every URL in it replaced by ***."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}{m['colon']}{MASK}@", text)
 
 
 def _key(url: str) -> str | None:
