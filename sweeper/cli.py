@@ -9,9 +9,9 @@ still run. The exit status is 1 when any trial failed.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-import signal
 import sys
 from typing import Any
 
@@ -70,12 +70,23 @@ def _group_options(group: str) -> list[str]:
     return sorted(loader.get_group_options(group))
 
 
-def _known_keys(cfg: DictConfig, key: str) -> str:
+def _known_keys(cfg: DictConfig, key: str) -> list[str]:
     parent, _, _ = key.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if not isinstance(node, DictConfig):
-        return "none"
-    return ", ".join(f"{parent}.{k}" if parent else str(k) for k in node)
+        return []
+    # `_target_` is the class an engine config names, not a key to set.
+    return [f"{parent}.{k}" if parent else str(k) for k in node if not str(k).startswith("_")]
+
+
+def _unknown_key(key: str, value: str, cfg: DictConfig) -> str:
+    known = _known_keys(cfg, key)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return (
+        f"unknown key '{key}' (value '{value}'); {hint}known keys here: "
+        f"{', '.join(known) or 'none'}"
+    )
 
 
 def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
@@ -98,7 +109,7 @@ def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
     values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     value = values.get(key, "?")
     if isinstance(cause, ConfigKeyError | ConfigAttributeError):
-        return f"unknown key '{key}' (value '{value}'); known keys here: {_known_keys(base, key)}"
+        return _unknown_key(key, value, base)
     if isinstance(cause, ValidationError):
         choices = re.search(r"expected one of \[([^\]]*)\]", str(cause))
         if choices:
@@ -128,6 +139,16 @@ def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
     return combos[:_MAX_PREFLIGHT_COMBINATIONS]
 
 
+def _groups_of(combo: list[str], compose: Any, default: DictConfig) -> DictConfig:
+    """The config with the combination's group choices (engine=vllm, ...) and nothing else:
+    where an unknown key's neighbours are listed from (the default's when that fails too)."""
+    groups = [o for o in combo if "=" in o and "." not in o.split("=", 1)[0]]
+    try:
+        return compose("config", overrides=groups)
+    except Exception:  # noqa: BLE001 - the bad override is itself a group choice
+        return default
+
+
 def preflight(args: list[str]) -> None:
     """Compose every trial the command line asks for; raise BadInput on the first bad one."""
     from hydra import compose, initialize_config_module
@@ -140,12 +161,13 @@ def preflight(args: list[str]) -> None:
             try:
                 cfg = compose("config", overrides=combo)
             except Exception as error:
-                raise BadInput(_explain(error, combo, base)) from None
+                raise BadInput(_explain(error, combo, _groups_of(combo, compose, base))) from None
             if not multirun:
                 check_values(cfg)
-    from sweeper.tracking.store import unreachable_reason
+    from sweeper.tracking.store import store_problem, unreachable_reason
 
-    if problem := unreachable_reason(str(cfg.tracking.uri)):
+    uri = str(cfg.tracking.uri)
+    if problem := unreachable_reason(uri) or store_problem(uri, cfg.tracking.artifact_location):
         raise BadInput(problem)
 
 
@@ -169,20 +191,58 @@ def _run_name() -> str:
     return overrides
 
 
+def _guard_engine_processes() -> None:
+    """Engines' processes die with the trial's (a guard kills them if it is killed); those a
+    crash left when the guard died too are killed now (sweeper/engines/toolkit/processes.py)."""
+    from sweeper.engines.toolkit import processes
+
+    if killed := processes.reap_orphans():
+        print(
+            f"sweeper: killed {len(killed)} processes left by a trial process that is gone: "
+            f"{', '.join(killed)}",
+            file=sys.stderr,
+        )
+    processes.guard_children()
+
+
+def _show(name: str, metrics: dict[str, float], multirun: bool) -> None:
+    from sweeper.reports.tables import show, trial_table
+
+    if multirun:
+        headline = ", ".join(f"{k}={metrics[k]:.4g}" for k in HEADLINE_METRICS if k in metrics)
+        print(f"[{name}] {headline}", flush=True)
+    else:
+        show(trial_table(f"sweeper trial: {name}", metrics))
+
+
 def execute(cfg: DictConfig) -> dict[str, float] | None:
     """The Hydra task: one trial, tracked in MLflow. Returns its metrics, or None if it failed."""
     from tqdm.auto import tqdm
 
-    from sweeper.reports.tables import show, trial_table
+    from sweeper.engines.toolkit.processes import raise_if_interrupted
+    from sweeper.tracking.credentials import redact
     from sweeper.tracking.log import log_result
-    from sweeper.tracking.store import flatten, git_commit, trial_run, ui_command, use_store
+    from sweeper.tracking.store import (
+        StoreError,
+        flatten,
+        git_commit,
+        trial_run,
+        ui_command,
+        use_store,
+    )
     from sweeper.trial import run_trial
 
     _quiet_libraries()
+    _guard_engine_processes()
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    use_store(cfg.tracking.uri, cfg.tracking.artifact_location, cfg.experiment_name)
-    name = _run_name()
+    name = redact(_run_name())
+    try:
+        use_store(cfg.tracking.uri, cfg.tracking.artifact_location, cfg.experiment_name)
+    except StoreError as error:  # nowhere to record the trial: one line, and it counts as failed
+        failed_trials.append(name)
+        print(f"sweeper: trial '{name}' failed: {error}", file=sys.stderr)
+        return None
     params = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     tags = {
         "hydra_overrides": " ".join(hydra_cfg.overrides.task),
@@ -197,27 +257,25 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
             bar = tqdm(desc=name[:40], unit="q", leave=False, dynamic_ncols=True, disable=None)
 
             def progress(done: int, total: int) -> None:
+                raise_if_interrupted()  # in case a library swallowed the KeyboardInterrupt
                 bar.total = total
                 bar.update(done - bar.n)
 
             result = run_trial(trial, progress)
             bar.close()
+            # Shown before anything is written: a disk that filled up cannot take them along.
+            _show(name, result.metrics, multirun)
             log_result(result, OmegaConf.to_yaml(cfg, resolve=True), cfg.tracking.log_predictions)
     except Exception as error:
         if bar is not None:
             bar.close()
         failed_trials.append(name)
-        print(f"sweeper: trial '{name}' failed: {type(error).__name__}: {error}", file=sys.stderr)
+        message = redact(f"{type(error).__name__}: {error}")
+        print(f"sweeper: trial '{name}' failed: {message}", file=sys.stderr)
         return None
-    if multirun:
-        headline = ", ".join(
-            f"{k}={result.metrics[k]:.4g}" for k in HEADLINE_METRICS if k in result.metrics
-        )
-        print(f"[{name}] {headline}")
-    else:
-        show(trial_table(f"sweeper trial: {name}", result.metrics))
-        print(f"MLflow: experiment '{cfg.experiment_name}' in {cfg.tracking.uri}")
-        print(f"  view: {ui_command(cfg.tracking.uri)}")
+    if not multirun:
+        print(f"MLflow: experiment '{cfg.experiment_name}' in {redact(str(cfg.tracking.uri))}")
+        print(f"  view: {redact(ui_command(cfg.tracking.uri))}")
     return result.metrics
 
 
@@ -226,12 +284,13 @@ def _hydra_entry(cfg: DictConfig) -> dict[str, float] | None:
     return execute(cfg)
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    args = sys.argv[1:]
+    from sweeper.engines.toolkit.processes import catch_interrupts
+    from sweeper.tracking.credentials import take_passwords
+
+    # Passwords in URLs go to the environment before Hydra sees the command line: nothing that
+    # Hydra or sweeper writes or prints can then hold them (sweeper/tracking/credentials.py).
+    args = sys.argv[1:] = take_passwords(sys.argv[1:])
     if not any(a in _INFO_FLAGS or a.startswith("--cfg") for a in args):
         try:
             preflight(args)
@@ -241,8 +300,9 @@ def main() -> None:
     from sweeper.tracking import callback
 
     # SIGTERM (`timeout`, Slurm preemption, `kill`) takes Ctrl-C's path: the open runs end
-    # KILLED and the Optuna trial is handed back, instead of staying RUNNING for ever.
-    signal.signal(signal.SIGTERM, _terminate)
+    # KILLED and the Optuna trial is handed back, instead of staying RUNNING for ever; both are
+    # remembered where a library swallows them (vLLM's start-up).
+    catch_interrupts()
     try:
         _hydra_entry()
     except KeyboardInterrupt:

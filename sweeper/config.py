@@ -113,6 +113,10 @@ class ModelConfig:
                 "a folder with weight files (*.safetensors, *.bin), or model.random_weights=true "
                 "for an architecture-only folder",
             )
+            from sweeper.models.info import weights_problem
+
+            if problem := weights_problem(self.path):
+                raise ConfigError("model.path", self.path, f"whole weight files: {problem}")
 
 
 @dataclass

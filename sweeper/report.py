@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report(args)
     except ReportError as error:
-        print(f"sweeper.report: error: {error}", file=sys.stderr)
+        from sweeper.tracking.credentials import redact
+
+        print(f"sweeper.report: error: {redact(str(error))}", file=sys.stderr)
         sys.exit(2)
 
 

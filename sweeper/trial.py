@@ -18,6 +18,7 @@ import platform
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,8 +28,8 @@ from sweeper.data import DataError, LoadedSample, Sample, prefetch
 from sweeper.engines import ENGINE_CACHE, Engine
 from sweeper.loads import Measured, build_load
 from sweeper.metrics.memory import PeakMemoryTracker
-from sweeper.metrics.performance import batch_efficiency, summarize
-from sweeper.metrics.stats import combine_repeats
+from sweeper.metrics.performance import RequestTiming, batch_efficiency, summarize
+from sweeper.metrics.stats import CI_SUFFIX, combine_repeats
 from sweeper.models import resolve_model_path
 from sweeper.models.info import ModelInfo, model_info
 from sweeper.requests import DecodingParams, ServingParams
@@ -45,6 +46,7 @@ class TrialResult:
     repeats: list[dict[str, float]] = field(default_factory=list)  # each measured run's metrics
     # A rate sweep's steps: (label, metrics, tags) each, logged as child runs.
     steps: list[tuple[str, dict[str, float], dict[str, str]]] = field(default_factory=list)
+    artifacts: dict[str, Path] = field(default_factory=dict)  # the engine's files (server log)
 
 
 def check_trial(trial: TrialConfig) -> ModelInfo:
@@ -64,6 +66,36 @@ def check_trial(trial: TrialConfig) -> ModelInfo:
         raise ConfigError("load", trial.load.name, why)
     chat_prompts(model, trial.model.chat_template)  # refuses a model without a chat template
     return model
+
+
+# What run_trial adds to the performance summary and the task's scores.
+TRIAL_METRICS = (
+    "peak_mem_gb",
+    "torch_peak_allocated_gb",
+    "torch_peak_reserved_gb",
+    "model_load_s",
+    "num_samples_measured",
+    "skipped_samples",
+)
+
+
+def metric_names() -> set[str]:
+    """Every metric a trial can return, whatever its engine, task and device: what a study's
+    objectives and constraints are checked against before its first trial."""
+    from sweeper.config import SLOConfig
+    from sweeper.engines.toolkit.prometheus import OWN_METRICS
+    from sweeper.loads.load import LOAD_METRICS
+    from sweeper.tasks.config import DATASET_CONFIGS
+
+    # The summaries' own keys, from the functions that make them.
+    timing = RequestTiming(0.0, 0.0, 0.0, 0.0, 0.1, 1, 2, itl_s=[0.1])
+    objectives = SLOConfig(ttft_s=1.0)
+    names = {*summarize([timing], 1.0, objectives), *batch_efficiency([1.0], [1.0], 1)}
+    names |= {*TRIAL_METRICS, *OWN_METRICS, *LOAD_METRICS}
+    for dataset in DATASET_CONFIGS:
+        names |= set(task_class(dataset).aggregate_names())
+    # With repeats, each one's 95% interval too.
+    return names | {name + CI_SUFFIX for name in names}
 
 
 def _requests_per_s(
@@ -249,4 +281,4 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
         tags["random_weights"] = "random weights: accuracy is meaningless"
     skipped = [asdict(s) for s in data_report.skipped]
     repeats = [run[headline][0] for run in scored]
-    return TrialResult(metrics, tags, predictions, skipped, repeats, step_runs)
+    return TrialResult(metrics, tags, predictions, skipped, repeats, step_runs, engine.artifacts())

@@ -46,8 +46,10 @@ def _as_postgres(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
-    """A running PostgreSQL; yields a URL template `postgresql://postgres@127.0.0.1:PORT/{db}`."""
+def postgres_server(password: str | None = None) -> Iterator[str]:
+    """A running PostgreSQL; yields a URL template `postgresql://postgres@127.0.0.1:PORT/{db}`.
+    With `password`, connections must authenticate (scram-sha-256) and the template holds it:
+    `postgresql://postgres:PASSWORD@127.0.0.1:PORT/{db}`."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not initdb or not pg_ctl:
         _missing("PostgreSQL")
@@ -58,14 +60,24 @@ def postgres_server() -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(data, "postgres")
-    _as_postgres([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+    auth = ["--auth=trust"]
+    if password is not None:
+        pwfile = root / "pwfile"
+        pwfile.write_text(password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, "postgres")
+        auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+    _as_postgres([initdb, "-D", str(data), "-U", "postgres", *auth, "-E", "UTF8"])
+    if password is not None:
+        (root / "pwfile").unlink()
     port = free_port()
     options = f"-c listen_addresses=127.0.0.1 -c port={port} -k {root} -c max_connections=200"
     _as_postgres(
         [pg_ctl, "-D", str(data), "-o", options, "-w", "-l", str(root / "pg.log"), "start"]
     )
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/{{db}}"
+        user = "postgres" if password is None else f"postgres:{password}"
+        yield f"postgresql://{user}@127.0.0.1:{port}/{{db}}"
     finally:
         _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"])
         shutil.rmtree(root, ignore_errors=True)
@@ -80,9 +92,27 @@ def create_database(url_template: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]:
-    """`mlflow server` on a free loopback port; yields its http URL once it answers."""
+def mlflow_server(
+    backend_uri: str, artifacts: Path, log: Path, admin_password: str | None = None
+) -> Iterator[str]:
+    """`mlflow server` on a free loopback port; yields its http URL once it answers. With
+    `admin_password`, MLflow's basic-auth app: every API call needs user `admin` and it (its
+    user store, an SQLite file, beside the log)."""
     port = free_port()
+    env = dict(os.environ)
+    app: list[str] = []
+    if admin_password is not None:
+        config = log.with_name("basic_auth.ini")
+        config.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{log.with_name('basic_auth.db')}\n"
+            f"admin_username = admin\nadmin_password = {admin_password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(config)
+        # The key its CSRF protection signs with, one for all its workers.
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = os.urandom(16).hex()
+        app = ["--app-name", "basic-auth"]
     command = [
         sys.executable,
         "-m",
@@ -98,9 +128,10 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]
         str(port),
         "--workers",
         "2",
+        *app,
     ]
     with open(log, "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

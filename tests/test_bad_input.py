@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +182,44 @@ def test_cli_exits_2_with_one_line(args: list[str], tmp_path, store) -> None:
     assert elapsed < 30
     # No model was loaded and no run was made: the MLflow store was never created.
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_unknown_engine_key_lists_that_engines_keys() -> None:
+    with pytest.raises(BadInput) as error:
+        preflight(["engine=vllm", "engine.devic=cpu"])
+    message = str(error.value)
+    assert "unknown key 'engine.devic' (value 'cpu'); did you mean 'engine.device'?" in message
+    assert "engine.gpu_memory_utilization" in message, message
+    assert "engine.decode_loop" not in message and "_target_" not in message  # engine=hf's
+    with pytest.raises(BadInput) as error:
+        preflight(["engine.max_num_seqs=4"])  # a vLLM key under engine=hf
+    assert "engine.decode_loop" in str(error.value) and "engine.gpu_memory" not in str(error.value)
+
+
+def _model_copy(tmp_path: Path) -> Path:
+    from sweeper.config import asset_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(asset_path("tiny_vlm"), folder)
+    return folder
+
+
+def test_a_truncated_weight_file_is_named_before_any_load(tmp_path) -> None:
+    folder = _model_copy(tmp_path)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # a copy cut short
+    with pytest.raises(BadInput) as error:
+        preflight(["model=custom", f"model.path={folder}"])
+    message = str(error.value)
+    assert "\n" not in message and f"invalid value for 'model.path': '{folder}'" in message
+    assert f"{weights}: truncated: {len(data) // 2} bytes, its tensors need {len(data)}" in message
+
+
+def test_a_corrupt_config_json_is_named(tmp_path) -> None:
+    folder = _model_copy(tmp_path)
+    (folder / "config.json").write_text('{"model_type": "qwen2_5_vl", ')
+    with pytest.raises(BadInput) as error:
+        preflight(["model=custom", f"model.path={folder}"])
+    message = str(error.value)
+    assert "\n" not in message and f"{folder / 'config.json'}: " in message, message

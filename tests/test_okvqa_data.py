@@ -359,3 +359,46 @@ def test_prefetch_without_report_raises(official) -> None:
     with pytest.raises(DataError, match="cannot decode image"):
         list(prefetch(samples, depth=2))
     assert LoadReport().on_error == "raise"
+
+
+def test_a_bad_question_with_an_annotation_is_one_skipped_sample(official) -> None:
+    """A question without an image_id is one bad sample: its annotation is not a second one
+    ("no question"), which skipped_samples counted too."""
+    question_id = str(official.questions()[3]["question_id"])
+    official.edit(official.questions_file, lambda c: c["questions"][3].pop("image_id"))
+    samples, report = task_samples(official.config(on_error="skip"))
+    assert len(samples) == 19
+    assert [(s.question_id, s.reason) for s in report.skipped] == [
+        (question_id, "no integer image_id")
+    ]
+
+
+def test_files_without_questions_say_so(official) -> None:
+    for path, key in (
+        (official.questions_file, "questions"),
+        (official.annotations_file, "annotations"),
+    ):
+        official.edit(path, lambda c, key=key: c.update({key: []}))
+    with pytest.raises(DataError) as error:
+        task_samples(official.config())
+    # Not "no samples left ... dataset.question_types=None": no filter was involved.
+    assert _one_line(error) == f"{official.questions_file}: no samples (its files hold no question)"
+
+
+def test_every_question_skipped_names_the_first_reason(official) -> None:
+    official.edit(official.questions_file, lambda c: c.update(questions=[]))
+    with pytest.raises(DataError) as error:
+        task_samples(official.config(on_error="skip"))
+    message = _one_line(error)
+    assert message.startswith(f"{official.questions_file}: no samples left: all 20 were skipped")
+    assert f"no question in {official.questions_file}" in message
+
+
+def test_an_empty_prompt_file_says_so(tmp_path) -> None:
+    from sweeper.tasks.config import TextJSONLConfig
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n")
+    with pytest.raises(DataError) as error:
+        task_samples(TextJSONLConfig(path=str(prompts)))
+    assert _one_line(error) == "dataset 'text_jsonl': no samples (its files hold no question)"

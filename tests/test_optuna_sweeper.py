@@ -22,15 +22,18 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from hydra_plugins.sweeper_optuna._definition import (
+    check_metrics,
     default_study_name,
     evaluate,
     make_sampler,
     parse_constraint,
     parse_objectives,
+    worker_seed,
 )
 from hydra_plugins.sweeper_optuna._errors import StudyError
 from hydra_plugins.sweeper_optuna._space import parse_space
 from sweeper.reports.pareto import dominates
+from sweeper.trial import metric_names
 from tests.conftest import REPO, run_cli, start_cli
 
 # Small, quick trials; no predictions table (less to log, less allocator noise in peak RSS).
@@ -99,14 +102,37 @@ def test_constraints_objectives_and_the_default_study_name() -> None:
     assert floor.violation(150.0) == -50.0
     assert evaluate(None, objectives, [budget]).values is None  # a failed trial
     assert evaluate({"accuracy": float("nan"), "peak_mem_gb": 1.0}, objectives, []).values is None
-    with pytest.raises(StudyError, match="'tsp' is not a metric"):
-        evaluate({"tps": 1.0}, parse_objectives(["tsp:max"]), [])
+    # A metric this trial lacks (another engine's, another task's) FAILs it; a name no trial
+    # returns is refused before the study (check_metrics).
+    missing = evaluate({"tps": 1.0}, parse_objectives(["vllm_ttft_s:min"]), [])
+    assert missing.values is None and "'vllm_ttft_s' is not among this trial's" in missing.failure
 
     space = parse_space({"batch_size": "choice(1, 8)"}, ["dataset.limit=4"], "tpe")
     name = default_study_name("sweeper", "tpe", space, objectives, [budget])
     assert name == default_study_name("sweeper", "tpe", space, objectives, [budget])
     assert name != default_study_name("sweeper", "tpe", space, objectives, [floor])
     assert name.startswith("sweeper-")
+
+
+def test_objectives_and_constraints_name_metrics_a_trial_returns() -> None:
+    known = metric_names()
+    assert {"accuracy", "exact_match", "tps", "peak_mem_gb", "vllm_ttft_s"} <= known
+    check_metrics(parse_objectives(["accuracy:max"]), [parse_constraint("tps >= 1")], known)
+    with pytest.raises(StudyError) as error:
+        check_metrics(parse_objectives(["acuracy:max"]), [], known)
+    assert (
+        "invalid value for 'hydra.sweeper.objectives': 'acuracy' is not a metric a trial returns "
+        "(did you mean 'accuracy'?"
+    ) in str(error.value)
+    with pytest.raises(StudyError, match="'hydra.sweeper.constraints': 'peak_mem' .*'peak_mem_gb'"):
+        check_metrics(parse_objectives(["tps:max"]), [parse_constraint("peak_mem <= 3")], known)
+
+
+def test_each_worker_of_a_study_seeds_its_sampler_apart() -> None:
+    assert worker_seed(7, 0) == 7  # the first worker: the study's own seed, as before
+    seeds = {worker_seed(7, worker) for worker in range(8)}
+    assert len(seeds) == 8 and worker_seed(7, 3) == worker_seed(7, 3)  # distinct, reproducible
+    assert worker_seed(None, 3) is None
 
 
 @pytest.mark.parametrize(
@@ -449,6 +475,18 @@ def test_a_configuration_asked_again_is_a_duplicate_not_another_finding(
             "malformed constraint 'peak_mem_gb < 3'",
         ),
         (["hydra/sweeper=vram_budget"], "needs budget_gb=<GiB>"),
+        (
+            ["hydra/sweeper=optuna", "hydra.sweeper.objectives=[acuracy:max]"],
+            "'acuracy' is not a metric a trial returns (did you mean 'accuracy'?",
+        ),
+        (
+            ["hydra/sweeper=vram_budget", "budget_gb=3", "hydra.sweeper.objectives=[tsp:max]"],
+            "'tsp' is not a metric a trial returns (did you mean 'tps'?",
+        ),
+        (
+            ["hydra/sweeper=optuna", 'hydra.sweeper.constraints=["peak_mem <= 3"]'],
+            "'peak_mem' is not a metric a trial returns (did you mean 'peak_mem_gb'?",
+        ),
     ],
 )
 def test_bad_study_input_is_one_line_with_status_2(
@@ -467,3 +505,51 @@ def test_plugin_ships_in_the_package() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "hydra_plugins.sweeper_optuna" in project["tool"]["setuptools"]["packages"]
     assert not (REPO / "hydra_plugins" / "__init__.py").exists()  # a namespace package
+
+
+@pytest.mark.slow
+def test_an_objective_a_trial_lacks_fails_its_mlflow_run_too(tmp_path: Path, store: dict) -> None:
+    """vllm_ttft_s is a metric only engine=vllm returns: an engine=hf trial runs, and then both
+    Optuna and MLflow say it failed (MLflow said FINISHED while Optuna said FAIL)."""
+    args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "batch_size=1,2"]
+    args += ["hydra.sweeper.n_trials=1", "hydra.sweeper.objectives=[vllm_ttft_s:min]"]
+    args += [*FAST, *store["args"]]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    (trial,) = _study(tmp_path).trials
+    assert trial.state == TrialState.FAIL
+    assert "metric 'vllm_ttft_s' is not among this trial's" in trial.user_attrs["failure"]
+    _, (child,) = _runs(store["uri"])
+    assert child.info.status == "FAILED"
+    assert child.data.tags["error"].startswith("Optuna FAILed the trial: metric 'vllm_ttft_s'")
+    assert child.data.tags["optuna_trial_state"] == "FAIL"
+    # Every metric a real trial logs is a name objectives are checked against.
+    assert set(child.data.metrics) <= metric_names()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_two_workers_with_one_seed_ask_distinct_parameters(
+    tmp_path: Path, store: dict, sampler: str
+) -> None:
+    """Every worker runs the same command, seed included (docs/cluster.md): each must still get
+    parameters of its own. A continuous dimension makes any repeat a seed's doing."""
+    args = ["-m", "hydra/sweeper=optuna", f"hydra.sweeper.sampler={sampler}"]
+    args += ["hydra.sweeper.seed=0", "hydra.sweeper.n_trials=4", "temperature=interval(0.1,1.0)"]
+    args += ["hydra.sweeper.objectives=[tps:max]", "batch_size=1", *FAST]
+    # One MLflow store and one study; each worker its own sweep dir (docs/cluster.md).
+    args += [store["args"][0], store["args"][1]]
+    args.append(f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}")
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    workers = [
+        start_cli([*args, f"hydra.sweep.dir={tmp_path / log.stem}"], tmp_path, log) for log in logs
+    ]
+    for proc, log in zip(workers, logs, strict=True):
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert len(study.trials) == 4
+    assert {t.user_attrs["worker"]["pid"] for t in study.trials} == {p.pid for p in workers}
+    temperatures = [t.params["temperature"] for t in study.trials]
+    assert len(set(temperatures)) == 4, temperatures

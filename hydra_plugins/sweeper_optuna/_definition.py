@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import optuna
@@ -77,6 +78,33 @@ def parse_constraint(text: str) -> Constraint:
     return Constraint(str(text).strip(), metric, op, number)
 
 
+def check_metrics(
+    objectives: Sequence[Objective], constraints: Sequence[Constraint], known: Collection[str]
+) -> None:
+    """Refuse an objective or constraint on a metric no trial returns (a typo), before the
+    first trial rather than after it."""
+    named = [("objectives", o.metric) for o in objectives]
+    named += [("constraints", c.metric) for c in constraints]
+    for key, metric in named:
+        if metric not in known:
+            close = difflib.get_close_matches(metric, sorted(known), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise StudyError(
+                f"invalid value for 'hydra.sweeper.{key}': '{metric}' is not a metric a trial "
+                f"returns ({hint}allowed: {', '.join(sorted(known))})"
+            )
+
+
+def worker_seed(seed: int | None, worker: int) -> int | None:
+    """The sampler seed of the study's `worker`-th worker (0 for the first to join): the study
+    seed itself for the first, a value derived from both for the others, so that workers
+    started with the same command (and seed) do not ask for the same parameters."""
+    if seed is None or worker == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{worker}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
 def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samplers.BaseSampler:
     """`name` is one of SAMPLERS (checked with the rest of the study's settings)."""
     if name == "grid":
@@ -142,11 +170,12 @@ def evaluate(
     if metrics is None:
         return Outcome(None, failure="the trial failed (its MLflow run holds the error)")
     needed = [o.metric for o in objectives] + [c.metric for c in constraints]
-    unknown = [name for name in needed if name not in metrics]
-    if unknown:
-        raise StudyError(
-            f"'{unknown[0]}' is not a metric the trial returns "
-            f"(metrics: {', '.join(sorted(metrics))})"
+    missing = [name for name in needed if name not in metrics]
+    if missing:  # a metric of another engine or task (names are checked before the study)
+        return Outcome(
+            None,
+            failure=f"metric '{missing[0]}' is not among this trial's "
+            f"({', '.join(sorted(metrics))})",
         )
     bad = [name for name in needed if not math.isfinite(metrics[name])]
     if bad:

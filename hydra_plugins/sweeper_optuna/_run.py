@@ -28,11 +28,13 @@ from hydra_plugins.sweeper_optuna._definition import (
     Constraint,
     Objective,
     Outcome,
+    check_metrics,
     default_study_name,
     evaluate,
     make_sampler,
     parse_constraint,
     parse_objectives,
+    worker_seed,
 )
 from hydra_plugins.sweeper_optuna._errors import StudyError
 from hydra_plugins.sweeper_optuna._space import SearchSpace, parse_space
@@ -46,12 +48,16 @@ from hydra_plugins.sweeper_optuna._workers import (
     this_worker,
 )
 from hydra_plugins.sweeper_optuna.config import OptunaSweeperConf
+from sweeper.tracking.credentials import redact
 from sweeper.tracking.store import unreachable_reason
+from sweeper.trial import metric_names
 
 # Study user attrs: trial numbers cut short by Ctrl-C or a crash (they do not count toward
 # n_trials), and the objectives the study was created with (a resume must not change them).
 INTERRUPTED_ATTR = "interrupted_trials"
 OBJECTIVES_ATTR = "objectives"
+# How many workers have joined the study (each seeds its sampler by its place in that order).
+WORKERS_ATTR = "workers_joined"
 # Trial user attrs of a rerun of a trial cut short: the trial it reruns, and how many reruns
 # of that configuration there have been (max_retry caps them).
 RETRY_ATTR = "retry_of"
@@ -91,6 +97,7 @@ def plan_study(settings: OptunaSweeperConf, config: DictConfig, arguments: list[
     space = parse_space(settings.params, arguments, settings.sampler)
     objectives = parse_objectives(settings.objectives)
     constraints = [parse_constraint(text) for text in settings.constraints]
+    check_metrics(objectives, constraints, metric_names())
     name = settings.study_name or default_study_name(
         str(config.experiment_name), settings.sampler, space, objectives, constraints
     )
@@ -112,17 +119,21 @@ def launcher_jobs(config: DictConfig) -> int:
     return jobs if jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + jobs)
 
 
-def _open_study(plan: StudyPlan, settings: OptunaSweeperConf, storage: RDBStorage) -> optuna.Study:
-    """Create the study or load it (under the lock: workers starting together get one study)."""
-    sampler = make_sampler(settings.sampler, settings.seed, plan.space)
+def _open_study(
+    plan: StudyPlan, settings: OptunaSweeperConf, storage: RDBStorage
+) -> tuple[optuna.Study, int | None]:
+    """Create the study or load it (under the lock: workers starting together get one study),
+    with this worker's sampler; the sampler's seed."""
     directions = [o.direction for o in plan.objectives]
     study = optuna.create_study(
-        storage=storage,
-        study_name=plan.name,
-        sampler=sampler,
-        directions=directions,
-        load_if_exists=True,
+        storage=storage, study_name=plan.name, directions=directions, load_if_exists=True
     )
+    # Every worker runs the same command, seed included: each seeds its sampler by the order it
+    # joined the study in, or they would all ask for the same parameters.
+    worker = int(study.user_attrs.get(WORKERS_ATTR, 0))
+    study.set_user_attr(WORKERS_ATTR, worker + 1)
+    seed = worker_seed(settings.seed, worker)
+    study.sampler = make_sampler(settings.sampler, seed, plan.space)
     created_with = study.user_attrs.get(OBJECTIVES_ATTR)
     wanted = [str(o) for o in plan.objectives]
     if created_with is None:
@@ -133,7 +144,7 @@ def _open_study(plan: StudyPlan, settings: OptunaSweeperConf, storage: RDBStorag
             f"{', '.join(created_with)}, not {', '.join(wanted)}; set another "
             "hydra.sweeper.study_name"
         )
-    return study
+    return study, seed
 
 
 def _counted(study: optuna.Study) -> int:
@@ -215,7 +226,7 @@ class StudyWorker:
                     trial = self.study.ask(self.plan.space.distributions)
                 self.in_flight[trial.number] = trial
                 heartbeats.add([trial._trial_id])  # Optuna's own heartbeat thread uses it too
-                trial.set_user_attr(WORKER_ATTR, this_worker().as_attr())
+                trial.set_user_attr(WORKER_ATTR, this_worker().as_dict())
         return list(self.in_flight.values())
 
     def _reclaim(self) -> None:
@@ -226,7 +237,7 @@ class StudyWorker:
             optuna.storages.fail_stale_trials(self.study)  # heartbeat stopped: into self.stale
         gone = []
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker = Worker.from_attr(trial.user_attrs.get(WORKER_ATTR))
+            worker = Worker.from_dict(trial.user_attrs.get(WORKER_ATTR))
             if trial.number not in self.in_flight and (worker is None or is_gone(worker)):
                 gone.append(trial)
         stale, self.stale[:] = list(self.stale), []
@@ -320,7 +331,9 @@ class StudyWorker:
             self.study.tell(trial, state=TrialState.FAIL)
             raise
         state = "COMPLETE" if outcome.values is not None else "FAIL"
-        run_id = self.tracking.link(self.study.study_name, trial.number, state, outcome.feasible)
+        run_id = self.tracking.link(
+            self.study.study_name, trial.number, state, outcome.feasible, outcome.failure
+        )
         if run_id:
             trial.set_user_attr(RUN_ATTR, run_id)
         if outcome.failure:
@@ -379,7 +392,9 @@ def run_study(
         raise StudyError(problem)
     sweep_dir = Path(str(config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, sweep_dir / "multirun.yaml")  # as Hydra's basic sweeper does
+    # As Hydra's basic sweeper does, with any URL password masked (the command line's are
+    # stripped before Hydra starts: sweeper/tracking/credentials.py).
+    (sweep_dir / "multirun.yaml").write_text(redact(OmegaConf.to_yaml(config)))
     # One line per trial from us instead of Optuna's INFO line per trial.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -393,7 +408,7 @@ def run_study(
             settings.grace_period,
             lambda _study, trial: stale.append(trial),
         )
-        study = _open_study(plan, settings, storage)
+        study, seed = _open_study(plan, settings, storage)
         tracking = StudyTracking(config)
         tracking.open_parent(
             study,
@@ -405,14 +420,14 @@ def run_study(
                 "constraints": "; ".join(c.text for c in plan.constraints),
                 "search_space": " ".join(f"{k}={v}" for k, v in plan.space.distributions.items()),
                 "sweep_dir": str(sweep_dir),
-                "hydra_overrides": " ".join(arguments),
+                "hydra_overrides": redact(" ".join(arguments)),
             },
         )
     worker = StudyWorker(study, storage, plan, settings, lock, tracking, stale)
     print(
         f"[study] {plan.name}: {_counted(study)}/{plan.n_trials} trials done or running; "
-        f"storage {display_url(plan.storage)}; {plan.n_jobs} at a time here; "
-        f"{tracking.view_hint()}",
+        f"storage {display_url(plan.storage)}; {plan.n_jobs} at a time here"
+        f"{'' if seed is None else f', sampler seed {seed}'}; {tracking.view_hint()}",
         flush=True,
     )
     returns: list[JobReturn] = []

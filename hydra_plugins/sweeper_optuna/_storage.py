@@ -23,6 +23,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial
 
 from hydra_plugins.sweeper_optuna._errors import StudyError
+from sweeper.tracking.credentials import redact, with_password
 
 # One advisory lock for all studies of a database: the sections it guards last milliseconds,
 # and one key also covers creating the tables, which every study of the database shares.
@@ -36,7 +37,7 @@ def display_url(url: str) -> str:
     try:
         return sqlalchemy.make_url(url).render_as_string(hide_password=True)
     except sqlalchemy.exc.ArgumentError:
-        return url
+        return redact(url)
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -48,9 +49,8 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 
 def _unreachable(url: str, error: Exception) -> StudyError:
     reason = str(getattr(error, "orig", None) or error).strip().splitlines()
-    return StudyError(
-        f"cannot reach the study storage {display_url(url)}: {reason[0] if reason else error}"
-    )
+    detail = redact(reason[0] if reason else str(error))
+    return StudyError(f"cannot reach the study storage {display_url(url)}: {detail}")
 
 
 def check_url(url: str) -> None:
@@ -82,7 +82,7 @@ class StudyLock:
         if url.startswith("postgresql"):
             # A connection per section: nothing to keep alive while the trials run.
             self._engine = sqlalchemy.create_engine(
-                url,
+                with_password(url),
                 poolclass=sqlalchemy.NullPool,
                 connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
             )
@@ -130,7 +130,7 @@ def open_storage(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             return RDBStorage(
-                url,
+                with_password(url),
                 engine_kwargs=_engine_kwargs(url),
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.sweeper_optuna._definition import Objective
+from sweeper.tracking.credentials import redact
 from sweeper.tracking.store import PARENT_RUN_ENV, ui_command, use_store
 
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -60,9 +61,9 @@ class StudyTracking:
                 self.experiment_id, run_name=f"study: {study.study_name}"
             ).info.run_id
             study.set_user_attr(PARENT_ATTR, run_id)
-            study.set_user_attr("mlflow_tracking_uri", self.uri)
+            study.set_user_attr("mlflow_tracking_uri", redact(self.uri))
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+            self.client.set_tag(run_id, key, redact(value))
         os.environ[PARENT_RUN_ENV] = run_id
         self.parent_id = run_id
         return run_id
@@ -84,8 +85,17 @@ class StudyTracking:
         )
         return runs[0] if runs else None
 
-    def link(self, study_name: str, number: int, state: str, feasible: bool | None) -> str | None:
-        """Tag the trial's run with its Optuna identity; returns the run id (None: no run)."""
+    def link(
+        self,
+        study_name: str,
+        number: int,
+        state: str,
+        feasible: bool | None,
+        failure: str = "",
+    ) -> str | None:
+        """Tag the trial's run with its Optuna identity; returns the run id (None: no run). A
+        trial Optuna FAILs for its metrics (`failure`: one it lacks, or NaN) although its run
+        ended FINISHED is FAILED in MLflow too, with that reason as its error."""
         run = self.trial_run(number)
         if run is None:  # interrupted before its run started
             return None
@@ -97,6 +107,9 @@ class StudyTracking:
             self.client.set_tag(run_id, "optuna_feasible", str(feasible).lower())
         if run.info.status == "RUNNING":  # its process died before the run could end
             self.client.set_terminated(run_id, "KILLED")
+        elif state == "FAIL" and failure and run.info.status == "FINISHED":
+            self.client.set_tag(run_id, "error", f"Optuna FAILed the trial: {failure}"[:5000])
+            self.client.set_terminated(run_id, "FAILED")
         return run_id
 
     def close_parent(self, status: str, error: str = "") -> None:
@@ -132,7 +145,7 @@ class StudyTracking:
         return best
 
     def view_hint(self) -> str:
-        return f"MLflow parent run {self.parent_id}; view: {ui_command(self.uri)}"
+        return f"MLflow parent run {self.parent_id}; view: {redact(ui_command(self.uri))}"
 
 
 def _trial_summary(trial: FrozenTrial, objectives: Sequence[Objective]) -> dict[str, Any]:

@@ -8,78 +8,20 @@ finds out through the trial's heartbeat going stale (Optuna's RDB storage, `grac
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from functools import cache
-from typing import Any
 
-import psutil
 from optuna.storages import RDBStorage
 
+# A worker is its process (host, boot, PID namespace, PID, start time), the identity sweeper's
+# MLflow runs are tagged with too: one definition, in sweeper's processes toolkit.
+from sweeper.engines.toolkit.processes import ProcessIdentity as Worker
+from sweeper.engines.toolkit.processes import is_gone
+from sweeper.engines.toolkit.processes import this_process as this_worker
+
+__all__ = ["WORKER_ATTR", "Heartbeats", "Worker", "is_gone", "this_worker"]
+
 WORKER_ATTR = "worker"
-
-
-def _pid_namespace() -> str:
-    # Two containers on one machine may share its hostname and boot time (host networking), but
-    # not their PID namespace: a PID means something only inside its own.
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
-@dataclass(frozen=True)
-class Worker:
-    host: str
-    boot: int  # boot time of the machine, seconds since the epoch
-    pid_namespace: str
-    pid: int
-    started: float  # the process's start time: a later process may get the same PID
-
-    def as_attr(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_attr(cls, attr: Any) -> Worker | None:
-        try:
-            return cls(**attr)
-        except TypeError:  # not a worker attr of this version
-            return None
-
-    def shares_machine_with(self, other: Worker) -> bool:
-        return (self.host, self.boot, self.pid_namespace) == (
-            other.host,
-            other.boot,
-            other.pid_namespace,
-        )
-
-
-def _process_started(pid: int) -> float:
-    return round(psutil.Process(pid).create_time(), 2)
-
-
-@cache
-def this_worker() -> Worker:
-    pid = os.getpid()
-    return Worker(
-        socket.gethostname(), int(psutil.boot_time()), _pid_namespace(), pid, _process_started(pid)
-    )
-
-
-def is_gone(worker: Worker) -> bool:
-    """True only when `worker` ran on this machine and its process no longer exists; a worker
-    elsewhere is never judged gone here (its heartbeat tells)."""
-    if not worker.shares_machine_with(this_worker()):
-        return False
-    try:
-        return _process_started(worker.pid) != worker.started
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.AccessDenied:  # it exists, under another user
-        return False
 
 
 class Heartbeats:

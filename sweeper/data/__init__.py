@@ -21,7 +21,10 @@ def load_samples(
     header is checked (`probe_images`); `prefetch` checks the pixels when it decodes them.
     """
     report = LoadReport(on_error=str(cfg.on_error))
-    samples = probe_images(select(source(cfg, report), cfg.limit, cfg.seed), report)
+    loaded = source(cfg, report)
+    if not loaded:
+        raise report.nothing_left(f"dataset '{cfg.name}'")
+    samples = probe_images(select(loaded, cfg.limit, cfg.seed), report)
     if not samples:
         raise DataError(f"dataset '{cfg.name}': every selected sample was skipped")
     return samples, report

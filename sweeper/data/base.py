@@ -75,6 +75,17 @@ class LoadReport:
         if skip not in self.skipped:
             self.skipped.append(skip)
 
+    def nothing_left(self, source: str) -> DataError:
+        """The error for a source that gave no sample: its files hold none, or every one was
+        bad and skipped (the first named)."""
+        if not self.skipped:
+            return DataError(f"{source}: no samples (its files hold no question)")
+        first = self.skipped[0]
+        return DataError(
+            f"{source}: no samples left: all {len(self.skipped)} were skipped as bad (the "
+            f"first: {first.where}: sample {first.question_id}: {first.reason})"
+        )
+
 
 class LazyImage(ABC):
     """An image loader that opens its source only when called; `str()` names the source."""

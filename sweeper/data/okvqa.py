@@ -91,6 +91,8 @@ def build_samples(
     else:
         wanted = set(question_types)
         kept = [s for s in samples if s.metadata.get("question_type") in wanted]
+    if not samples:
+        raise report.nothing_left(source)
     if not kept:
         present = sorted({str(s.metadata.get("question_type")) for s in samples})
         raise DataError(
@@ -141,13 +143,15 @@ def _records(cfg: Any, report: LoadReport) -> Iterator[Record]:
         if not isinstance(entry, dict) or "question_id" not in entry:
             report.reject(question_id, questions_file, "question without a question_id")
             continue
+        # Its annotation has a question, whatever else is wrong with it: one bad entry is one
+        # skipped sample, not a second one for "no question".
+        answered.add(question_id)
         if not isinstance(entry.get("image_id"), int):
             report.reject(question_id, questions_file, "no integer image_id")
             continue
         if annotation is None:
             report.reject(question_id, questions_file, f"no annotation in {annotations_file}")
             continue
-        answered.add(question_id)
         if annotation.get("image_id") != entry["image_id"]:
             report.reject(
                 question_id,

@@ -27,6 +27,19 @@ from sweeper.loads.schedule import arrival_times
 from sweeper.requests import Completion, DecodingParams, Request, ServingParams
 from sweeper.workloads.workload import Workload
 
+# What an open load adds to a measurement's metrics.
+LOAD_METRICS = (
+    "requests_sent",
+    "warmup_requests",
+    "cooldown_requests",
+    "requests_in_flight",
+    "client_queue_s",
+    "client_cpu_share",
+    "achieved_rate",
+    "target_rate",
+    "send_lag_p99_s",
+)
+
 # A run whose requests left this much later than scheduled (p99), and more than a tenth of the
 # mean gap between arrivals, was paced by the client, not the server.
 LAG_FLOOR_S = 0.005

@@ -61,6 +61,63 @@ def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
     return None
 
 
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file, from its header alone: it must parse, and the file
+    must hold every byte of the tensors it describes (a copy or download cut short does not)."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{size} bytes: too short for a safetensors header"
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return f"truncated: {size} bytes, its header alone takes {8 + length}"
+        try:
+            header = json.loads(handle.read(length))
+            tensors = [entry for key, entry in header.items() if key != "__metadata__"]
+            end = max((entry["data_offsets"][1] for entry in tensors), default=0)
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            return f"not a safetensors file (unreadable header: {type(error).__name__})"
+    if 8 + length + end > size:
+        return f"truncated: {size} bytes, its tensors need {8 + length + end}"
+    return None
+
+
+def _pickle_problem(file: Path) -> str | None:
+    """A torch checkpoint (*.bin, *.pt, *.pth) is a zip since torch 1.6: its directory, at the
+    end of the file, is missing when the file was cut short. (An older one is a bare pickle,
+    which cannot be checked without loading it.)"""
+    import zipfile
+
+    with file.open("rb") as handle:
+        legacy = handle.read(1) == b"\x80"  # a pickle's protocol opcode
+    if not legacy and not zipfile.is_zipfile(file):
+        return "truncated or not a torch checkpoint (no zip directory at its end)"
+    return None
+
+
+def weights_problem(path: str) -> str | None:
+    """The first weight file of a local model folder that cannot load whole (named, with what
+    is wrong), or None; read from headers only, before any weight loads."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    for index in folder.glob("*.index.json"):  # a sharded checkpoint lists its shards
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            return f"{index}: unreadable shard index"
+        missing = sorted(shard for shard in shards if not (folder / shard).is_file())
+        if missing:
+            return f"{index}: lists {missing[0]}, which is missing"
+    checks = {".safetensors": _safetensors_problem, ".bin": _pickle_problem}
+    checks |= {".pt": _pickle_problem, ".pth": _pickle_problem}
+    for file in sorted(folder.iterdir()):
+        if file.suffix in checks and file.is_file() and (problem := checks[file.suffix](file)):
+            return f"{file}: {problem}"
+    return None
+
+
 @functools.cache
 def model_info(path: str) -> ModelInfo:
     """The model at `path` (a local folder or a hub id), from its config alone."""

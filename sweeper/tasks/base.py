@@ -120,13 +120,18 @@ class Task(ABC):
             "output_tokens": completion.timing.output_tokens,
         }
 
+    @classmethod
+    def aggregate_names(cls) -> tuple[str, ...]:
+        """The metric names `aggregate` returns, one per score (`score`: `accuracy`)."""
+        return tuple("accuracy" if name == "score" else name for name in cls.scores)
+
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        """The trial's task metrics: each score's mean over the records (`score`: `accuracy`),
-        and the half-width of the accuracy's 95% interval over the questions
-        (`accuracy_ci95`: what a recommendation may not tell apart)."""
+        """The trial's task metrics: each score's mean over the records, and the half-width of
+        the accuracy's 95% interval over the questions (`accuracy_ci95`: what a recommendation
+        may not tell apart)."""
         metrics = {
-            "accuracy" if name == "score" else name: sum(r[name] for r in records) / len(records)
-            for name in self.scores
+            metric: sum(r[name] for r in records) / len(records)
+            for name, metric in zip(self.scores, self.aggregate_names(), strict=True)
         }
         metrics["accuracy" + CI_SUFFIX] = mean_ci95([r["score"] for r in records])[1]
         return metrics

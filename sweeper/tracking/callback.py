@@ -7,14 +7,24 @@ from MLflow (so it covers every launcher), and the count of failed trials for th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sweeper.tracking.store import PARENT_RUN_ENV, SWEEP_ID_ENV, ui_command, use_store
+from sweeper.tracking.credentials import redact
+from sweeper.tracking.store import (
+    PARENT_RUN_ENV,
+    SWEEP_ID_ENV,
+    process_tags,
+    ui_command,
+    use_store,
+)
 
 failed_in_last_sweep = 0
 # The Optuna sweeper opens the parent run itself: a study's parent run is reopened when the study
@@ -77,11 +87,10 @@ class MlflowSweepCallback(Callback):
         self.experiment_id = use_store(
             config.tracking.uri, config.tracking.artifact_location, config.experiment_name
         )
-        overrides = " ".join(config.hydra.overrides.task)
+        overrides = redact(" ".join(config.hydra.overrides.task))
+        tags = {"sweep_dir": str(config.hydra.sweep.dir), "hydra_overrides": overrides}
         run = MlflowClient().create_run(
-            self.experiment_id,
-            run_name=f"sweep: {overrides}",
-            tags={"sweep_dir": str(config.hydra.sweep.dir), "hydra_overrides": overrides},
+            self.experiment_id, run_name=f"sweep: {overrides}", tags={**tags, **process_tags()}
         )
         self.parent_id = run.info.run_id
         os.environ[PARENT_RUN_ENV] = self.parent_id
@@ -110,5 +119,21 @@ class MlflowSweepCallback(Callback):
         client.set_terminated(self.parent_id, "FINISHED")
         os.environ.pop(PARENT_RUN_ENV, None)
         show(sweep_table(f"sweep: {len(rows)} trials, {failed_in_last_sweep} failed", rows))
-        print(f"MLflow parent run {self.parent_id} in {config.tracking.uri}")
-        print(f"  view: {ui_command(config.tracking.uri)}")
+        print(f"MLflow parent run {self.parent_id} in {redact(str(config.tracking.uri))}")
+        print(f"  view: {redact(ui_command(config.tracking.uri))}")
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra has just written the job's .hydra/*.yaml (and, in a sweep, multirun.yaml): a
+        # password that reached the config some other way than the command line (whose URLs
+        # sweeper/tracking/credentials.py strips first) is masked there.
+        hydra = config.hydra
+        files = []
+        if hydra.output_subdir is not None:
+            files += (Path(hydra.runtime.output_dir) / hydra.output_subdir).glob("*.yaml")
+        if hydra.mode == RunMode.MULTIRUN:
+            files.append(Path(hydra.sweep.dir) / "multirun.yaml")
+        for path in files:
+            with contextlib.suppress(OSError):
+                text = path.read_text()
+                if (masked := redact(text)) != text:
+                    path.write_text(masked)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import subprocess
 import traceback
 from collections.abc import Iterator
@@ -14,6 +17,8 @@ from typing import Any
 PARENT_RUN_ENV = "SWEEPER_PARENT_RUN_ID"
 # The id of the sweep command that launched a trial (a tag on its run).
 SWEEP_ID_ENV = "SWEEPER_SWEEP_ID"
+# The process a run belongs to (sweeper.engines.toolkit.processes.ProcessIdentity, as JSON).
+PROCESS_TAG = "sweeper_process"
 
 
 def ui_command(uri: str) -> str:
@@ -26,28 +31,61 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def _http_get(url: str, timeout_s: float) -> int:
+    """The HTTP status of GET `url`, sent with the tracking server's basic auth when it is set
+    (an error status is returned, not raised)."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from sweeper.tracking.credentials import http_auth
+
+    request = urllib.request.Request(url)
+    if (auth := http_auth()) is not None:
+        token = base64.b64encode(":".join(auth).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def unreachable_reason(uri: str, timeout_s: float = 5.0) -> str | None:
     """Why the tracking store at `uri` cannot be reached (one line), or None when it answers.
     Checked before a sweep starts: MLflow's client would retry for minutes before failing."""
+    from sweeper.tracking.credentials import redact, with_password
+
     if _is_server(uri):
         import urllib.error
-        import urllib.request
 
+        base = uri.rstrip("/")
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as answer:
-                if answer.status == 200:
+            status = _http_get(f"{base}/health", timeout_s)
+            if status == 200:
+                # /health answers anyone; an API call tells whether the credentials (if the
+                # server asks for any) are accepted.
+                api = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+                status = _http_get(api, timeout_s)
+                if status not in (401, 403):
                     return None
-                reason = f"HTTP {answer.status}"
+                return (
+                    f"the MLflow tracking server {redact(uri)} refused the credentials (HTTP "
+                    f"{status}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                )
+            reason = f"HTTP {status}"
         except urllib.error.URLError as error:
             reason = str(getattr(error, "reason", error))
         except (OSError, ValueError) as error:  # a timeout, a malformed address
             reason = str(error)
-        return f"cannot reach the MLflow tracking server {uri}: {reason}"
+        return f"cannot reach the MLflow tracking server {redact(uri)}: {redact(reason)}"
     if uri.startswith(("postgresql", "mysql")):  # MLflow's database backends, used directly
         import sqlalchemy
 
         engine = sqlalchemy.create_engine(
-            uri, poolclass=sqlalchemy.NullPool, connect_args={"connect_timeout": int(timeout_s)}
+            with_password(uri),
+            poolclass=sqlalchemy.NullPool,
+            connect_args={"connect_timeout": int(timeout_s)},
         )
         try:
             with engine.connect():
@@ -55,22 +93,101 @@ def unreachable_reason(uri: str, timeout_s: float = 5.0) -> str | None:
         except sqlalchemy.exc.OperationalError as error:
             lines = str(error.orig).strip().splitlines()
             url = sqlalchemy.make_url(uri).render_as_string(hide_password=True)
-            return f"cannot reach the MLflow tracking store {url}: {lines[0] if lines else error}"
+            detail = redact(lines[0] if lines else str(error))
+            return f"cannot reach the MLflow tracking store {url}: {detail}"
     return None  # a local file store: created on first use
 
 
+class StoreError(Exception):
+    """The MLflow store cannot be used (read-only, full, refusing); the message is one line."""
+
+
+# Less free space than this where a local store writes is a full store: a trial writes its
+# metrics, config and predictions table (MBs for thousands of questions).
+MIN_FREE_BYTES = 1024**2
+
+
+def _local_path(location: str) -> Path | None:
+    """The local file or folder a store location writes to (None: a server, a remote URL)."""
+    if location.startswith("sqlite:///"):
+        return Path(location.removeprefix("sqlite:///")).expanduser()
+    if location.startswith("file://"):
+        return Path(location.removeprefix("file://")).expanduser()
+    return None if "://" in location else Path(location).expanduser()
+
+
+def _write_problem(path: Path) -> str | None:
+    """Why nothing can be written at `path` or the folder it would be made in, or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    folder = existing if existing.is_dir() else existing.parent
+    for target in dict.fromkeys((existing, folder)):  # a database file, and its journal's folder
+        if not os.access(target, os.W_OK):
+            if os.statvfs(target).f_flag & os.ST_RDONLY:
+                return f"{target} is on a read-only file system"
+            return f"{target} is not writable by this user"
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        return f"{folder} is on a full disk ({free // 1024} KiB free)"
+    return None
+
+
+def store_problem(uri: str, artifact_location: str) -> str | None:
+    """Why a local MLflow store (its database file, its artifact folder) cannot take a trial's
+    records, as a one-line bad-input message, or None; checked before a sweep starts."""
+    from sweeper.tracking.credentials import redact
+
+    places = [("tracking.uri", uri, _local_path(uri))]
+    if not _is_server(uri):  # a server keeps the artifacts itself
+        places.append(
+            ("tracking.artifact_location", artifact_location, _local_path(artifact_location))
+        )
+    for key, value, path in places:
+        if path is not None and (problem := _write_problem(path)):
+            return (
+                f"invalid value for '{key}': '{redact(value)}' (allowed: a store sweeper can "
+                f"write to; {problem})"
+            )
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    from sweeper.tracking.credentials import redact
+
+    lines = str(error).strip().splitlines()
+    return redact(f"{type(error).__name__}: {lines[0] if lines else ''}")
+
+
 def use_store(uri: str, artifact_location: str, experiment_name: str) -> str:
-    """Point MLflow at `uri`, create the experiment if needed; returns its id.
+    """Point MLflow at `uri`, create the experiment if needed, and end its runs whose process
+    died (`end_abandoned_runs`); returns its id. A store that refuses is one line (StoreError).
 
     A tracking server (http) decides where artifacts go (its artifact root, which every worker
     reaches through it): a local `artifact_location` is not passed to it, a URL (s3://...) is.
     """
+    from sweeper.tracking.credentials import redact
+
+    try:
+        experiment_id = _open_experiment(uri, artifact_location, experiment_name)
+        end_abandoned_runs(experiment_id)
+    except StoreError:
+        raise
+    except Exception as error:  # MLflow's, SQLAlchemy's, the file system's: one line each
+        detail = _first_line(error)
+        raise StoreError(f"cannot use the MLflow store {redact(uri)}: {detail}") from None
+    return experiment_id
+
+
+def _open_experiment(uri: str, artifact_location: str, experiment_name: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from sweeper.tracking.credentials import with_password
+
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(with_password(uri))
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is not None:
         experiment_id = experiment.experiment_id
@@ -88,6 +205,45 @@ def use_store(uri: str, artifact_location: str, experiment_name: str) -> str:
             experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming the process a run belongs to (host, PID, start time), so that a run left
+    RUNNING by a killed process can be told from one still running."""
+    from sweeper.engines.toolkit.processes import this_process
+
+    return {PROCESS_TAG: json.dumps(this_process().as_dict())}
+
+
+def end_abandoned_runs(experiment_id: str) -> list[str]:
+    """End KILLED the experiment's RUNNING runs whose process (their `sweeper_process` tag) ran
+    on this machine and is gone (`kill -9`, out of memory, a crash); the ids of those ended. A
+    run of another machine is left to a sweeper there. Optuna studies' parent runs carry no such
+    tag: a study reopens its own (hydra_plugins/sweeper_optuna/_tracking.py)."""
+    from mlflow import MlflowClient
+
+    from sweeper.engines.toolkit.processes import ProcessIdentity, is_gone
+
+    client = MlflowClient()
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    ended = []
+    for run in running:
+        try:
+            owner = ProcessIdentity.from_dict(json.loads(run.data.tags.get(PROCESS_TAG, "")))
+        except ValueError:
+            continue
+        if owner is None or not is_gone(owner):
+            continue
+        note = (
+            f"its process (pid {owner.pid} on {owner.host}) was gone when sweeper next opened "
+            "the experiment: killed, out of memory or crashed"
+        )
+        client.set_tag(run.info.run_id, "killed", note)
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -116,29 +272,65 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _redacted(values: dict[str, Any]) -> dict[str, Any]:
+    from sweeper.tracking.credentials import redact
+
+    return {k: redact(v) if isinstance(v, str) else v for k, v in values.items()}
+
+
+def _record_failure(error: BaseException) -> None:
+    """The error on the active run, as far as the store takes it (a full disk may not)."""
+    import mlflow
+
+    from sweeper.tracking.credentials import redact
+
+    with contextlib.suppress(Exception):  # the trial's own error is the one to report
+        mlflow.set_tag("error", redact(f"{type(error).__name__}: {error}")[:5000])
+        mlflow.log_text(redact(traceback.format_exc()), "error.txt")
+
+
+def _end(status: str) -> None:
+    import mlflow
+
+    # MLflow forgets the active run before it records the status: a store that refuses leaves
+    # it RUNNING, and the next sweeper to open the experiment ends it KILLED.
+    with contextlib.suppress(Exception):
+        mlflow.end_run(status)
+
+
 @contextmanager
 def trial_run(run_name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Any]:
     """An MLflow run for one trial, child of the sweep's parent run when there is one.
 
     Ends FINISHED, or FAILED with the error recorded (tag `error`, artifact `error.txt`) when
-    the body raises; KeyboardInterrupt ends it KILLED.
+    the body raises; KeyboardInterrupt (or SIGINT/SIGTERM that a library swallowed) ends it
+    KILLED and is raised. Names, params and tags are written with any URL password masked.
     """
     import mlflow
 
+    from sweeper.engines.toolkit.processes import interrupted
+    from sweeper.tracking.credentials import redact
+
     parent = os.environ.get(PARENT_RUN_ENV)
+    tags = {**tags, **process_tags()}
     if os.environ.get(SWEEP_ID_ENV):
-        tags = {**tags, "sweeper_sweep_id": os.environ[SWEEP_ID_ENV]}
-    run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=tags)
+        tags["sweeper_sweep_id"] = os.environ[SWEEP_ID_ENV]
+    run = mlflow.start_run(run_name=redact(run_name), parent_run_id=parent, tags=_redacted(tags))
     try:
-        mlflow.log_params(params)
+        mlflow.log_params(_redacted(params))
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        _end("KILLED")
         raise
     except Exception as error:
-        mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-        mlflow.log_text(traceback.format_exc(), "error.txt")
-        mlflow.end_run("FAILED")
+        if interrupted():  # what a swallowed interrupt left behind
+            _end("KILLED")
+            raise KeyboardInterrupt from error
+        _record_failure(error)
+        _end("FAILED")
         raise
     else:
+        if interrupted():
+            _end("KILLED")
+            raise KeyboardInterrupt
         mlflow.end_run("FINISHED")

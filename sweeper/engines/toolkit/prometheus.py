@@ -12,6 +12,11 @@ PREFIX_QUERIES = "vllm:prefix_cache_queries"
 PREFIX_HITS = "vllm:prefix_cache_hits"
 GENERATION_TOKENS = "vllm:generation_tokens"
 PROMPT_TOKENS = "vllm:prompt_tokens"
+# What `vllm_own_metrics` returns (each when its counters moved), and what a server's means add.
+VLLM_TTFT = "vllm_ttft_s"
+VLLM_PREFIX_CACHE_HIT_RATE = "vllm_prefix_cache_hit_rate"
+VLLM_TOKEN_COUNTS = {"vllm_output_tokens": GENERATION_TOKENS, "vllm_prompt_tokens": PROMPT_TOKENS}
+OWN_METRICS = (VLLM_TTFT, VLLM_PREFIX_CACHE_HIT_RATE, *VLLM_TOKEN_COUNTS)
 
 
 def totals(samples: Mapping[str, float] | list[tuple[str, float]]) -> dict[str, float]:
@@ -35,13 +40,10 @@ def vllm_own_metrics(before: Mapping[str, float], after: Mapping[str, float]) ->
 
     metrics = {}
     if count := delta(f"{TTFT}_count"):
-        metrics["vllm_ttft_s"] = delta(f"{TTFT}_sum") / count
+        metrics[VLLM_TTFT] = delta(f"{TTFT}_sum") / count
     if queries := delta(PREFIX_QUERIES):
-        metrics["vllm_prefix_cache_hit_rate"] = delta(PREFIX_HITS) / queries
-    for name, counter in (
-        ("vllm_output_tokens", GENERATION_TOKENS),
-        ("vllm_prompt_tokens", PROMPT_TOKENS),
-    ):
+        metrics[VLLM_PREFIX_CACHE_HIT_RATE] = delta(PREFIX_HITS) / queries
+    for name, counter in VLLM_TOKEN_COUNTS.items():
         if counter in after:
             metrics[name] = delta(counter)
     return metrics

@@ -211,6 +211,11 @@ class VLLMEngine(Engine):
         # shutdown nobody sends while the engine is still cached: close it first (atexit runs the
         # last registered first, and vLLM has imported multiprocessing by now).
         atexit.register(self.close)
+        # vLLM's start-up swallows a KeyboardInterrupt (Ctrl-C, SIGTERM) while it waits for its
+        # engine core, and then starts anyway: the interrupted trial must not go on.
+        if processes.interrupted():
+            self.close()
+            raise KeyboardInterrupt
 
     def synchronize(self) -> None:
         """Nothing to wait for: vLLM returns outputs only once they are on the host."""
