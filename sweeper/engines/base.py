@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sweeper.requests import Completion, DecodingParams, Request, ServingParams
@@ -39,6 +40,11 @@ class Engine(ABC):
 
     def tags(self) -> dict[str, str]:
         """Facts about the loaded engine worth recording on every trial's run."""
+        return {}
+
+    def artifacts(self) -> dict[str, Path]:
+        """Files worth keeping with every trial's run, by the name to keep them under (e.g. a
+        server's log)."""
         return {}
 
     @contextmanager
