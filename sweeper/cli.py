@@ -89,6 +89,20 @@ def _unknown_key(key: str, value: str, cfg: DictConfig) -> str:
     )
 
 
+def _is_dict_entry(key: str, overrides: list[str]) -> bool:
+    """Whether `key` is a new entry of a dict-typed key (e.g. engine.server_args.max_num_seqs),
+    which Hydra adds only with `+`: its parent, composed without it, is a plain dict."""
+    from hydra import compose
+
+    parent, _, _ = key.rpartition(".")
+    others = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != key]
+    try:
+        node = OmegaConf.select(compose("config", overrides=others), parent) if parent else None
+    except Exception:  # another override is bad too: its own message comes first
+        return False
+    return isinstance(node, DictConfig) and node._metadata.object_type is dict
+
+
 def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
     """One line naming the key, the value and what is allowed, from a composition error."""
     from hydra.errors import MissingConfigException
@@ -109,6 +123,8 @@ def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
     values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     value = values.get(key, "?")
     if isinstance(cause, ConfigKeyError | ConfigAttributeError):
+        if _is_dict_entry(key, overrides):
+            return f"new entry '{key}' (value '{value}') of a dict: add it with +{key}={value}"
         return _unknown_key(key, value, base)
     if isinstance(cause, ValidationError):
         choices = re.search(r"expected one of \[([^\]]*)\]", str(cause))

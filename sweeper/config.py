@@ -241,6 +241,7 @@ def register_configs() -> None:
     from omegaconf import OmegaConf
 
     from sweeper.engines.hf.config import HFEngineConfig
+    from sweeper.engines.openai.config import OpenAIEngineConfig
     from sweeper.engines.vllm.config import VLLMEngineConfig
     from sweeper.loads.config import LOAD_CONFIGS
     from sweeper.tasks.config import DATASET_CONFIGS
@@ -250,7 +251,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("sweeper_asset", asset_path, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="trial_schema", node=TrialConfig)
-    for node in (HFEngineConfig, VLLMEngineConfig):
+    for node in (HFEngineConfig, VLLMEngineConfig, OpenAIEngineConfig):
         cs.store(group="engine", name=node.name, node=node)
     for node in DATASET_CONFIGS:
         cs.store(group="dataset", name=node.name, node=node)

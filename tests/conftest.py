@@ -76,6 +76,33 @@ def store(tmp_path: Path) -> dict[str, str]:
     }
 
 
+def compose_trial(*overrides: str):
+    """The validated TrialConfig the CLI would run for `overrides`."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    import sweeper.cli  # noqa: F401  (registers the config groups)
+
+    with initialize_config_module("sweeper.conf", version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def cached_engine(trial):
+    """The engine the trial loads (or reuses) through the engine cache, as run_trial does."""
+    from sweeper.engines import ENGINE_CACHE
+
+    return ENGINE_CACHE.get(trial.engine, trial.model, trial.engine.load_options(trial)).engine
+
+
+@pytest.fixture(scope="module")
+def free_engine_cache():
+    """Close the cached engine (and its processes) when the module's tests are done."""
+    from sweeper.engines import ENGINE_CACHE
+
+    yield ENGINE_CACHE
+    ENGINE_CACHE.clear()
+
+
 def load_engine(engine_cfg, path, chat_template: str | None = None, **options):
     """The engine `engine_cfg` names, loaded on the model at `path` (as EngineCache builds it)."""
     from sweeper.engines import engine_class

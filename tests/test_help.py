@@ -9,7 +9,7 @@ def test_help_lists_groups_and_keys(tmp_path) -> None:
     result = run_cli(["--help"], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    assert "engine: hf, vllm" in text
+    assert "engine: hf, openai, vllm" in text
     assert "model: custom, qwen2_5_vl_7b_arch, tiny_random, tiny_vlm" in text
     assert "dataset: easy_vqa, easy_vqa_text, okvqa, okvqa_hf, text_jsonl" in text
     assert "workload: multi_sample, multi_turn, shared_prefix, single" in text

@@ -43,7 +43,8 @@ class Engine(ABC):
         return {}
 
     def artifacts(self) -> dict[str, Path]:
-        """Files to keep with a trial's run (a started server's log); none by default."""
+        """Files worth keeping with every trial's run, by the name to keep them under (e.g. a
+        server's log)."""
         return {}
 
     @contextmanager
