@@ -79,12 +79,15 @@ def _known_keys(cfg: DictConfig, key: str) -> list[str]:
     return [f"{parent}.{k}" if parent else str(k) for k in node if not str(k).startswith("_")]
 
 
+def _did_you_mean(wrong: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(wrong, choices, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def _unknown_key(key: str, value: str, cfg: DictConfig) -> str:
     known = _known_keys(cfg, key)
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
     return (
-        f"unknown key '{key}' (value '{value}'); {hint}known keys here: "
+        f"unknown key '{key}' (value '{value}'); {_did_you_mean(key, known)}known keys here: "
         f"{', '.join(known) or 'none'}"
     )
 
@@ -113,8 +116,16 @@ def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
         found = re.search(r"Could not find '([^']+)/([^']+)'", text)
         if found:
             group, option = found.groups()
-            allowed = ", ".join(_group_options(group))
-            return f"invalid value for '{group}': '{option}' (allowed: {allowed})"
+            options = _group_options(group)
+            hint = _did_you_mean(option, options)
+            return f"invalid value for '{group}': '{option}' ({hint}allowed: {', '.join(options)})"
+    if "Ambiguous value for argument" in text:  # a sweep's syntax without -m: Hydra's hint, kept
+        found = re.search(r"argument '([^']+)'", text)
+        override = found.group(1) if found else "?"
+        return (
+            f"'{override}' is a sweep: add -m (--multirun) to run a trial per value, or quote "
+            "the value to pass it whole"
+        )
     cause = error.__cause__ or error
     key = getattr(cause, "full_key", None)
     if not key:
@@ -129,11 +140,24 @@ def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
     if isinstance(cause, ValidationError):
         choices = re.search(r"expected one of \[([^\]]*)\]", str(cause))
         if choices:
-            return f"invalid value for '{key}': '{value}' (allowed: one of {choices.group(1)})"
+            hint = _did_you_mean(value, [c.strip() for c in choices.group(1).split(",")])
+            return (
+                f"invalid value for '{key}': '{value}' ({hint}allowed: one of {choices.group(1)})"
+            )
+        if "ListConfig" in str(cause):
+            return f"invalid value for '{key}': '{value}' (allowed: a list, e.g. [a,b])"
         expected = re.search(r"converted to (\w+)", str(cause))
         kind = expected.group(1).lower() if expected else "the declared type"
         return f"invalid value for '{key}': '{value}' (allowed: a value of type {kind})"
     return f"invalid overrides {' '.join(overrides)}: {text.splitlines()[0]}"
+
+
+def _hydra_overrides(overrides: list[str]) -> list[str]:
+    """The overrides of Hydra's own config (hydra/sweeper=..., hydra.sweeper.n_trials=...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.input_line for o in parsed if o.is_hydra_override()]
 
 
 def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -173,13 +197,27 @@ def preflight(args: list[str]) -> None:
     overrides = [a for a in args if not a.startswith("-")]
     with initialize_config_module(CONFIG_MODULE, version_base=None):
         base = compose("config")
-        for combo in _combinations(overrides, multirun):
+        combos = _combinations(overrides, multirun)
+        for combo in combos:
             try:
                 cfg = compose("config", overrides=combo)
             except Exception as error:
                 raise BadInput(_explain(error, combo, _groups_of(combo, compose, base))) from None
             if not multirun:
                 check_values(cfg)
+        # Hydra's own part (the sweeper and its options), composed once: a typo there would
+        # otherwise surface as Hydra's multi-line error, after the sweep has started.
+        hydra_part = [*_hydra_overrides(overrides), *combos[0]]
+        if _hydra_overrides(overrides):
+            try:
+                compose("config", overrides=hydra_part, return_hydra_config=True)
+            except Exception as error:
+                choices = [o for o in hydra_part if "." not in o.split("=", 1)[0]]
+                try:  # the keys around the bad one: those of the sweeper chosen
+                    around = compose("config", overrides=choices, return_hydra_config=True)
+                except Exception:  # noqa: BLE001 - the bad override is the choice itself
+                    around = compose("config", return_hydra_config=True)
+                raise BadInput(_explain(error, hydra_part, around)) from None
     from sweeper.tracking.store import store_problem, unreachable_reason
 
     uri = str(cfg.tracking.uri)
