@@ -238,11 +238,17 @@ def check_values(cfg: DictConfig) -> Any:
 
 
 def _run_name() -> str:
+    """A single trial's overrides; a sweep's trial number and the knobs the sweep varies (the
+    constants would make every trial's name look the same, cut short)."""
+    from sweeper.tracking.store import VARIED_ENV
+
     hydra_cfg = HydraConfig.get()
-    overrides = " ".join(hydra_cfg.overrides.task) or "defaults"
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return f"trial-{hydra_cfg.job.num}: {overrides}"
-    return overrides
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return " ".join(overrides) or "defaults"
+    varied = set(filter(None, os.environ.get(VARIED_ENV, "").split(",")))
+    shown = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] in varied] or overrides
+    return f"trial-{hydra_cfg.job.num}: {' '.join(shown) or 'defaults'}"
 
 
 def _guard_engine_processes() -> None:
@@ -281,8 +287,8 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
         flatten,
         git_commit,
         trial_run,
-        ui_command,
         use_store,
+        view_lines,
     )
     from sweeper.trial import run_trial
 
@@ -292,7 +298,9 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     name = redact(_run_name())
     try:
-        use_store(cfg.tracking.uri, cfg.tracking.artifact_location, cfg.experiment_name)
+        experiment_id = use_store(
+            cfg.tracking.uri, cfg.tracking.artifact_location, cfg.experiment_name
+        )
     except StoreError as error:  # nowhere to record the trial: one line, and it counts as failed
         failed_trials.append(name)
         print(f"sweeper: trial '{name}' failed: {error}", file=sys.stderr)
@@ -300,6 +308,8 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
     params = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     tags = {
         "hydra_overrides": " ".join(hydra_cfg.overrides.task),
+        # The command that runs this trial again, on its own.
+        "reproduce": " ".join(["python -m sweeper", *hydra_cfg.overrides.task]),
         "git_commit": git_commit(),
         "hydra_job_num": str(hydra_cfg.job.num) if multirun else "",
     }
@@ -329,7 +339,8 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
         return None
     if not multirun:
         print(f"MLflow: experiment '{cfg.experiment_name}' in {redact(str(cfg.tracking.uri))}")
-        print(f"  view: {redact(ui_command(cfg.tracking.uri))}")
+        for line in view_lines(str(cfg.tracking.uri), experiment_id):
+            print(f"  {redact(line)}")
     return result.metrics
 
 
