@@ -21,8 +21,11 @@ SWEEP_ID_ENV = "SWEEPER_SWEEP_ID"
 PROCESS_TAG = "sweeper_process"
 
 
-# The keys a sweep varies, handed to its trials (their run names show only these).
+# The keys a sweep varies, handed to its trials (their run names show only these); how many
+# trials it runs and when it started (their progress says "trial 3/8 · sweep ETA").
 VARIED_ENV = "SWEEPER_VARIED_KEYS"
+SWEEP_SIZE_ENV = "SWEEPER_SWEEP_SIZE"
+SWEEP_START_ENV = "SWEEPER_SWEEP_START"
 UI_PORT = 5000
 
 
@@ -49,6 +52,18 @@ def view_lines(uri: str, experiment_id: str) -> list[str]:
         f"view: {ui_command(uri)}",
         f"  then open: {runs_page(f'http://127.0.0.1:{UI_PORT}', experiment_id)}",
     ]
+
+
+def sweep_size(config: Any) -> int | None:
+    """The trials a sweep runs: a study's n_trials, a grid's combinations."""
+    if "n_trials" in config.hydra.sweeper:
+        return int(config.hydra.sweeper.n_trials)
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return len(batches[0]) if batches else None
 
 
 def varied_keys(config: Any) -> list[str]:
