@@ -289,6 +289,9 @@ class TrialProgress:
         from sweeper.engines.toolkit.processes import raise_if_interrupted
 
         raise_if_interrupted()  # in case a library swallowed the KeyboardInterrupt
+        # tqdm redraws at most every 0.1 s: draw the ending phase's last count before the reset,
+        # so the last thing a phase shows is where it ended.
+        self.bar.refresh()
         self.bar.reset(total=total)
         self.bar.set_description(f"{self.label} · {name}")
 
@@ -299,6 +302,7 @@ class TrialProgress:
         self.bar.update(count)
 
     def close(self) -> None:
+        self.bar.refresh()  # the last phase's end, drawn before the bar is cleared
         self.bar.close()
 
 

@@ -68,7 +68,9 @@ def _prompt_ids(engine, requests) -> tuple[list[list[int]], list[list[int]]]:
     """The prompt ids vLLM ran the requests with, and those transformers' processor (or
     tokenizer) makes of the same chats: image placeholders expanded by each side's own code."""
     submissions = engine._submissions(requests, time.time())
-    done = engine.frontend.run(submissions, engine._sampling_params(DecodingParams(4)))
+    done = engine.frontend.run(
+        submissions, engine._sampling_params(DecodingParams(4)), together=True
+    )
     chat = engine.chat
     theirs = []
     for request in requests:

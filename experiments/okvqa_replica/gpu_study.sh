@@ -29,6 +29,16 @@
 #   vllm-flags   continuous vs static batches of 256, $SUBSET questions
 #   vllm-optuna  Optuna study (TPE) over vLLM's serving settings, $SUBSET questions
 #   vllm-best    the study's best settings on all 5,046 questions
+#   serve-baseline  `vllm serve` with vLLM's defaults (1 API server) through engine=openai,
+#                load=rate_sweep from one request at a time to saturation, $SERVE_N questions
+#   serve-default   the same server under load=rate at $SERVE_RATE requests/s, $SERVE_STUDY_N
+#                questions: the study's baseline at the study's load
+#   serve-optuna Optuna study (hydra/sweeper=serving_goodput): the server flags and the load's
+#                concurrency cap that maximise goodput at $SERVE_RATE requests/s
+#   serve-best   BEST (the study's best overrides) under load=rate_sweep, as serve-baseline
+#   serve-client sweeper's client against `vllm bench serve`, same server, same (text) requests,
+#                back to back: one rate below saturation ($CLIENT_RATE) and everything at once
+#   serve-hf     transformers' continuous batching (text prompts) under load=concurrency 1 / 16
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 study=${STUDY_DIR:-$HOME/okvqa_study}
@@ -55,6 +65,12 @@ common=(
 # caching on; under continuous batching sweeper's max_num_seqs is batch_size.
 vllm_default=(engine=vllm continuous_batching=true prefix_caching=true batch_size=1024)
 async_frontend=(engine.frontend=async engine.mm_processor_cache_gb=0)
+# The serving study's objectives (issue 22): goodput counts the requests that met both.
+slo=(slo.ttft_s=1 slo.tpot_s=0.05)
+serve_n=${SERVE_N:-200}
+serve_study_n=${SERVE_STUDY_N:-800}
+serve_rate=${SERVE_RATE:-40}
+serve=(engine=openai engine.server=vllm "${slo[@]}")
 # The one-at-a-time half of batch_efficiency costs ~1 s per sample at batch 1: keep it short.
 calibration=(calibration_samples=4)
 
@@ -195,6 +211,39 @@ phase() {
         # BEST: the study's best parameters as overrides, e.g. "batch_size=512 ..." (README).
         read -r -a best <<<"${BEST:?set BEST to the overrides of the best trial}"
         sweep vllm-best engine=vllm continuous_batching=true "${best[@]}" "${calibration[@]}"
+        ;;
+    serve-baseline)
+        # vLLM's serve defaults: sweeper passes no scheduler flag (continuous_batching=false
+        # under an open load sends each request as it comes; --max-num-seqs is left to vLLM).
+        sweep serve-baseline "${serve[@]}" load=rate_sweep load.steps=5 "dataset.limit=$serve_n" \
+            "${calibration[@]}"
+        ;;
+    serve-default)
+        sweep serve-default "${serve[@]}" load=rate "load.rate=$serve_rate" \
+            "dataset.limit=$serve_study_n" "${calibration[@]}"
+        ;;
+    serve-optuna)
+        sweep serve-optuna -m "${serve[@]}" load=rate "load.rate=$serve_rate" \
+            hydra/sweeper=serving_goodput "hydra.sweeper.n_trials=${N_TRIALS:-6}" \
+            "hydra.sweeper.storage=sqlite:///$study/optuna-serve.db" "dataset.limit=$serve_study_n" \
+            "${calibration[@]}"
+        ;;
+    serve-best)
+        read -r -a best <<<"${BEST:?set BEST to the overrides of the best trial}"
+        sweep serve-best "${serve[@]}" load=rate_sweep load.steps=5 "dataset.limit=$serve_n" \
+            "${best[@]}" "${calibration[@]}"
+        ;;
+    serve-client)
+        python3 "$here/../serving_load/bench.py" --count "${CLIENT_N:-400}" --tokens 100 \
+            --rate "${CLIENT_RATE:-20}" --passes 1 --out "$study/results/client" \
+            --trial "${common[@]}" \
+            >"$study/logs/serve-client.log" 2>&1 || echo "!! serve-client failed"
+        tail -20 "$study/logs/serve-client.log"
+        ;;
+    serve-hf)
+        sweep serve-hf -m engine=hf continuous_batching=true workload.images=false \
+            load=concurrency load.concurrency=1,16 "dataset.limit=${HF_SERVE_N:-128}" \
+            "${slo[@]}" "${calibration[@]}"
         ;;
     *) echo "unknown phase $1" && return 1 ;;
     esac

@@ -141,7 +141,7 @@ class OpenAIEngine(Engine):
             prefix_caching=bool(prefix_caching),
             max_num_seqs=max_num_seqs,
             args={
-                **server_defaults(server, self.device, info.takes_images),
+                **server_defaults(server, self.device, info.takes_images, info.path),
                 **cfg.server_args,
             },
             chat_template=template,

@@ -22,6 +22,7 @@ from sweeper.config import ConfigError
 from sweeper.engines.openai.config import Server, vllm_cli_installed
 from sweeper.engines.toolkit import server_process
 from sweeper.engines.toolkit.prometheus import CACHE_CONFIG, scrape
+from sweeper.models import has_weights
 
 LOG_TAIL_LINES = 30
 # What a server's argument parser writes when it refuses a flag.
@@ -128,15 +129,19 @@ class ServerSpec:
 GIB = 1024**3
 
 
-def server_defaults(server: Server, device: str, takes_images: bool) -> dict[str, Any]:
+def server_defaults(
+    server: Server, device: str, takes_images: bool, model_path: str
+) -> dict[str, Any]:
     """Flags sweeper gives a started vLLM unless engine.server_args sets them: the prompt's
     cached tokens in every answer's usage (cached_prompt_tokens); engine=vllm's CPU KV cache of
     1 GiB (vLLM on CPU reads its memory share as one of all RAM, and fails to start when other
     processes hold it) and its limit of one image and no video per prompt (vLLM sizes its
-    profiling run by it)."""
+    profiling run by it); for an architecture-only folder, random weights (as engine=vllm)."""
     if server != Server.vllm:
         return {}
     defaults: dict[str, Any] = {"enable_prompt_tokens_details": True}
+    if not has_weights(model_path):
+        defaults["load_format"] = "dummy"
     if device == "cpu":
         defaults["kv_cache_memory_bytes"] = GIB
     if takes_images:
