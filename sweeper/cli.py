@@ -13,6 +13,7 @@ import difflib
 import os
 import re
 import sys
+import time
 from typing import Any
 
 # Quiet by default: no hub progress bars, no telemetry, no tokenizer fork warnings.
@@ -61,6 +62,13 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("mlflow", "alembic", "httpx", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Library warnings go to the run's log file (Hydra's job log), not the terminal, where
+    # they would bury the progress and the answer.
+    logging.captureWarnings(True)
+    warned = logging.getLogger("py.warnings")
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    warned.handlers = files
+    warned.propagate = False
 
 
 def _group_options(group: str) -> list[str]:
@@ -79,12 +87,15 @@ def _known_keys(cfg: DictConfig, key: str) -> list[str]:
     return [f"{parent}.{k}" if parent else str(k) for k in node if not str(k).startswith("_")]
 
 
+def _did_you_mean(wrong: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(wrong, choices, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def _unknown_key(key: str, value: str, cfg: DictConfig) -> str:
     known = _known_keys(cfg, key)
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
     return (
-        f"unknown key '{key}' (value '{value}'); {hint}known keys here: "
+        f"unknown key '{key}' (value '{value}'); {_did_you_mean(key, known)}known keys here: "
         f"{', '.join(known) or 'none'}"
     )
 
@@ -113,8 +124,16 @@ def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
         found = re.search(r"Could not find '([^']+)/([^']+)'", text)
         if found:
             group, option = found.groups()
-            allowed = ", ".join(_group_options(group))
-            return f"invalid value for '{group}': '{option}' (allowed: {allowed})"
+            options = _group_options(group)
+            hint = _did_you_mean(option, options)
+            return f"invalid value for '{group}': '{option}' ({hint}allowed: {', '.join(options)})"
+    if "Ambiguous value for argument" in text:  # a sweep's syntax without -m: Hydra's hint, kept
+        found = re.search(r"argument '([^']+)'", text)
+        override = found.group(1) if found else "?"
+        return (
+            f"'{override}' is a sweep: add -m (--multirun) to run a trial per value, or quote "
+            "the value to pass it whole"
+        )
     cause = error.__cause__ or error
     key = getattr(cause, "full_key", None)
     if not key:
@@ -129,11 +148,24 @@ def _explain(error: Exception, overrides: list[str], base: DictConfig) -> str:
     if isinstance(cause, ValidationError):
         choices = re.search(r"expected one of \[([^\]]*)\]", str(cause))
         if choices:
-            return f"invalid value for '{key}': '{value}' (allowed: one of {choices.group(1)})"
+            hint = _did_you_mean(value, [c.strip() for c in choices.group(1).split(",")])
+            return (
+                f"invalid value for '{key}': '{value}' ({hint}allowed: one of {choices.group(1)})"
+            )
+        if "ListConfig" in str(cause):
+            return f"invalid value for '{key}': '{value}' (allowed: a list, e.g. [a,b])"
         expected = re.search(r"converted to (\w+)", str(cause))
         kind = expected.group(1).lower() if expected else "the declared type"
         return f"invalid value for '{key}': '{value}' (allowed: a value of type {kind})"
     return f"invalid overrides {' '.join(overrides)}: {text.splitlines()[0]}"
+
+
+def _hydra_overrides(overrides: list[str]) -> list[str]:
+    """The overrides of Hydra's own config (hydra/sweeper=..., hydra.sweeper.n_trials=...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.input_line for o in parsed if o.is_hydra_override()]
 
 
 def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -173,13 +205,27 @@ def preflight(args: list[str]) -> None:
     overrides = [a for a in args if not a.startswith("-")]
     with initialize_config_module(CONFIG_MODULE, version_base=None):
         base = compose("config")
-        for combo in _combinations(overrides, multirun):
+        combos = _combinations(overrides, multirun)
+        for combo in combos:
             try:
                 cfg = compose("config", overrides=combo)
             except Exception as error:
                 raise BadInput(_explain(error, combo, _groups_of(combo, compose, base))) from None
             if not multirun:
                 check_values(cfg)
+        # Hydra's own part (the sweeper and its options), composed once: a typo there would
+        # otherwise surface as Hydra's multi-line error, after the sweep has started.
+        hydra_part = [*_hydra_overrides(overrides), *combos[0]]
+        if _hydra_overrides(overrides):
+            try:
+                compose("config", overrides=hydra_part, return_hydra_config=True)
+            except Exception as error:
+                choices = [o for o in hydra_part if "." not in o.split("=", 1)[0]]
+                try:  # the keys around the bad one: those of the sweeper chosen
+                    around = compose("config", overrides=choices, return_hydra_config=True)
+                except Exception:  # noqa: BLE001 - the bad override is the choice itself
+                    around = compose("config", return_hydra_config=True)
+                raise BadInput(_explain(error, hydra_part, around)) from None
     from sweeper.tracking.store import store_problem, unreachable_reason
 
     uri = str(cfg.tracking.uri)
@@ -200,11 +246,17 @@ def check_values(cfg: DictConfig) -> Any:
 
 
 def _run_name() -> str:
+    """A single trial's overrides; a sweep's trial number and the knobs the sweep varies (the
+    constants would make every trial's name look the same, cut short)."""
+    from sweeper.tracking.store import VARIED_ENV
+
     hydra_cfg = HydraConfig.get()
-    overrides = " ".join(hydra_cfg.overrides.task) or "defaults"
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return f"trial-{hydra_cfg.job.num}: {overrides}"
-    return overrides
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return " ".join(overrides) or "defaults"
+    varied = set(filter(None, os.environ.get(VARIED_ENV, "").split(",")))
+    shown = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] in varied] or overrides
+    return f"trial-{hydra_cfg.job.num}: {' '.join(shown) or 'defaults'}"
 
 
 def _guard_engine_processes() -> None:
@@ -221,6 +273,52 @@ def _guard_engine_processes() -> None:
     processes.guard_children()
 
 
+class TrialProgress:
+    """The trial's progress on a terminal (nothing in a log file): one bar whose phase is in its
+    description, reset at each phase, so its rate and ETA are the phase's own (warm-up's
+    compiles never inflate the measured run's ETA)."""
+
+    def __init__(self, name: str, position: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.label = " · ".join(filter(None, [position, name[:40]]))
+        # disable=None: a bar on a terminal, nothing in a log file.
+        self.bar = tqdm(desc=self.label, unit="q", leave=False, dynamic_ncols=True, disable=None)
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        from sweeper.engines.toolkit.processes import raise_if_interrupted
+
+        raise_if_interrupted()  # in case a library swallowed the KeyboardInterrupt
+        self.bar.reset(total=total)
+        self.bar.set_description(f"{self.label} · {name}")
+
+    def advance(self, count: int = 1) -> None:
+        from sweeper.engines.toolkit.processes import raise_if_interrupted
+
+        raise_if_interrupted()
+        self.bar.update(count)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def sweep_position(job: int) -> str:
+    """ "trial 3/8 · ETA 2m10s": this trial's place in its sweep (when the sweep knows its size)
+    and the sweep's ETA from the trials done so far."""
+    from sweeper.tracking.store import SWEEP_SIZE_ENV, SWEEP_START_ENV
+
+    size = os.environ.get(SWEEP_SIZE_ENV)
+    if not size:
+        return f"trial {job + 1}"
+    text = f"trial {job + 1}/{size}"
+    started = float(os.environ.get(SWEEP_START_ENV, "0"))
+    if job and started:
+        each = (time.time() - started) / job
+        left = int(each * (int(size) - job))
+        text += f" · sweep ETA {left // 60}m{left % 60:02d}s"
+    return text
+
+
 def _show(name: str, metrics: dict[str, float], multirun: bool) -> None:
     from sweeper.reports.tables import show, trial_table
 
@@ -233,9 +331,6 @@ def _show(name: str, metrics: dict[str, float], multirun: bool) -> None:
 
 def execute(cfg: DictConfig) -> dict[str, float] | None:
     """The Hydra task: one trial, tracked in MLflow. Returns its metrics, or None if it failed."""
-    from tqdm.auto import tqdm
-
-    from sweeper.engines.toolkit.processes import raise_if_interrupted
     from sweeper.tracking.credentials import redact
     from sweeper.tracking.log import log_result
     from sweeper.tracking.store import (
@@ -243,8 +338,8 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
         flatten,
         git_commit,
         trial_run,
-        ui_command,
         use_store,
+        view_lines,
     )
     from sweeper.trial import run_trial
 
@@ -254,7 +349,9 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     name = redact(_run_name())
     try:
-        use_store(cfg.tracking.uri, cfg.tracking.artifact_location, cfg.experiment_name)
+        experiment_id = use_store(
+            cfg.tracking.uri, cfg.tracking.artifact_location, cfg.experiment_name
+        )
     except StoreError as error:  # nowhere to record the trial: one line, and it counts as failed
         failed_trials.append(name)
         print(f"sweeper: trial '{name}' failed: {error}", file=sys.stderr)
@@ -262,6 +359,8 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
     params = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     tags = {
         "hydra_overrides": " ".join(hydra_cfg.overrides.task),
+        # The command that runs this trial again, on its own.
+        "reproduce": " ".join(["python -m sweeper", *hydra_cfg.overrides.task]),
         "git_commit": git_commit(),
         "hydra_job_num": str(hydra_cfg.job.num) if multirun else "",
     }
@@ -269,15 +368,8 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
     try:
         with trial_run(name, params, tags):
             trial = check_values(cfg)
-            # disable=None: a bar on a terminal, nothing in a log file.
-            bar = tqdm(desc=name[:40], unit="q", leave=False, dynamic_ncols=True, disable=None)
-
-            def progress(done: int, total: int) -> None:
-                raise_if_interrupted()  # in case a library swallowed the KeyboardInterrupt
-                bar.total = total
-                bar.update(done - bar.n)
-
-            result = run_trial(trial, progress)
+            bar = TrialProgress(name, sweep_position(hydra_cfg.job.num) if multirun else "")
+            result = run_trial(trial, bar)
             bar.close()
             # Shown before anything is written: a disk that filled up cannot take them along.
             _show(name, result.metrics, multirun)
@@ -291,7 +383,8 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
         return None
     if not multirun:
         print(f"MLflow: experiment '{cfg.experiment_name}' in {redact(str(cfg.tracking.uri))}")
-        print(f"  view: {redact(ui_command(cfg.tracking.uri))}")
+        for line in view_lines(str(cfg.tracking.uri), experiment_id):
+            print(f"  {redact(line)}")
     return result.metrics
 
 

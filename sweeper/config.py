@@ -59,6 +59,15 @@ class KVCache(StrEnum):
     off = "off"
 
 
+class Selection(StrEnum):
+    """The rule a sweep's recommended setting is chosen by (sweeper/reports/recommend.py)."""
+
+    throughput_within_accuracy = "throughput_within_accuracy"
+    accuracy = "accuracy"
+    throughput = "throughput"
+    memory = "memory"
+
+
 class ModelBuilder(StrEnum):
     tiny_random = "tiny_random"
     qwen2_5_vl_7b_arch = "qwen2_5_vl_7b_arch"
@@ -187,6 +196,10 @@ class TrialConfig:
     calibration_samples: int = 16
     calibration_repeats: int = 3
     repeats: int = 1
+
+    # How a sweep's answer is chosen from its trials (sweeper/reports/recommend.py):
+    # throughput_within_accuracy | accuracy | throughput | memory; budget_gb bounds it.
+    select: Selection = Selection.throughput_within_accuracy
 
     # Peak-memory budget in GiB for `hydra/sweeper=vram_budget` (its constraint reads it); on CPU
     # it bounds the peak PSS, as peak_mem_gb does. Unused by a trial itself.

@@ -163,6 +163,31 @@ def test_grid_leaves_range_checks_to_each_trial() -> None:
 
 
 @pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["engine=vlm"], "'engine': 'vlm' (did you mean 'vllm'? allowed: hf, openai, vllm)"),
+        (["kv_cache=statc"], "did you mean 'static'? allowed: one of dynamic"),
+        (["temprature=1"], "did you mean 'temperature'?"),
+        (["beam_num=1,2"], "'beam_num=1,2' is a sweep: add -m (--multirun)"),
+        (["-m", "hydra/sweeper=paretto"], "'hydra/sweeper': 'paretto' (did you mean 'pareto'?"),
+        (
+            ["-m", "hydra/sweeper=pareto", "hydra.sweeper.n_trial=4"],
+            "did you mean 'hydra.sweeper.n_trials'?",
+        ),
+        (
+            ["-m", "hydra/sweeper=pareto", "hydra.sweeper.objectives=accuracy"],
+            "'hydra.sweeper.objectives': 'accuracy' (allowed: a list",
+        ),
+    ],
+)
+def test_typos_get_a_did_you_mean_in_one_line(args: list[str], message: str) -> None:
+    with pytest.raises(BadInput) as error:
+        preflight(args)
+    text = str(error.value)
+    assert "\n" not in text and message in text, text
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["beam_num=0"],

@@ -18,16 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
+from sweeper.config import Selection
 from sweeper.metrics.stats import CI_SUFFIX
 
-
-class Rule(StrEnum):
-    throughput_within_accuracy = "throughput_within_accuracy"
-    accuracy = "accuracy"
-    throughput = "throughput"
-    memory = "memory"
+Rule = Selection  # the config's enum: `select=`
 
 
 RULES = {

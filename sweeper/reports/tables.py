@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -18,6 +19,7 @@ UNITS = {
     "peak_mem_gb": "GiB",
     "batch_efficiency": "",
     "accuracy": "",
+    "goodput_rps": "req/s",
 }
 
 
@@ -66,3 +68,49 @@ def sweep_table(title: str, rows: Sequence[Mapping[str, object]]) -> Table:
 def show(table: Table) -> None:
     # Wide enough for the overrides column when output goes to a file or a narrow terminal.
     Console(width=max(160, Console().width)).print(table)
+
+
+def answer_table(answer: Any, metrics: Sequence[str]) -> Table:
+    """The sweep's trials in the rule's order: ★ on the Pareto front, → the recommended one,
+    ≈ within its 95% interval, ✗ outside the rule (memory budget, accuracy interval)."""
+    table = Table(title=f"ranked by {answer.rule}", title_justify="left")
+    table.add_column("")
+    table.add_column("trial", justify="right")
+    table.add_column("setting")
+    for name in metrics:
+        unit = UNITS.get(name, "")
+        table.add_column(f"{name} ({unit})" if unit else name, justify="right")
+    for trial in answer.ranked:
+        marks = "".join(
+            mark
+            for mark, on in (
+                ("→", trial is answer.chosen),
+                ("★", trial.on_front),
+                ("≈", trial.close_to_chosen),
+                ("✗", not trial.eligible),
+            )
+            if on
+        )
+        table.add_row(
+            marks, trial.name, trial.label, *(with_ci(trial.metrics, name) for name in metrics)
+        )
+    return table
+
+
+def answer_lines(answer: Any) -> list[str]:
+    """The recommendation in words, and the command that reproduces it."""
+    lines = [f"note: {note}" for note in answer.notes]
+    chosen = answer.chosen
+    if chosen is None:
+        return lines
+    shown = [
+        f"{name} {with_ci(chosen.metrics, name)} {UNITS.get(name, '')}".rstrip()
+        for name in (answer.throughput, "accuracy", "peak_mem_gb")
+        if name in chosen.metrics
+    ]
+    return [
+        *lines,
+        f"recommended: trial {chosen.name} ({chosen.label}): {', '.join(shown)}",
+        f"  by the rule: {answer.rule} (select= to change it)",
+        f"  reproduce: {chosen.command}",
+    ]

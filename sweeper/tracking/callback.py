@@ -8,7 +8,9 @@ from MLflow (so it covers every launcher), and the count of failed trials for th
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,14 @@ from sweeper.tracking.credentials import redact
 from sweeper.tracking.store import (
     PARENT_RUN_ENV,
     SWEEP_ID_ENV,
+    SWEEP_SIZE_ENV,
+    SWEEP_START_ENV,
+    VARIED_ENV,
     process_tags,
-    ui_command,
+    sweep_size,
     use_store,
+    varied_keys,
+    view_lines,
 )
 
 failed_in_last_sweep = 0
@@ -69,6 +76,60 @@ def _child_rows(client: Any, experiment_id: str, parent_id: str) -> list[dict[st
     return sorted(rows, key=lambda r: int(r["trial"]) if str(r["trial"]).isdigit() else 0)
 
 
+def _answer(client: Any, experiment_id: str, parent_id: str, config: DictConfig) -> Any:
+    """The sweep's finished trials, ranked by `select` (sweeper/reports/recommend.py)."""
+    from sweeper.reports.recommend import Trial, recommend
+
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
+        max_results=10_000,
+    )
+    trials = [
+        Trial(
+            name=run.data.tags.get("hydra_job_num", ""),
+            overrides=run.data.tags.get("hydra_overrides", "").split(),
+            metrics=dict(run.data.metrics),
+            run_id=run.info.run_id,
+        )
+        for run in runs
+        if "rate_sweep_step" not in run.data.tags or "hydra_job_num" in run.data.tags
+    ]
+    trials.sort(key=lambda t: int(t.name) if t.name.isdigit() else 0)
+    budget = config.get("budget_gb")
+    return recommend(trials, str(config.get("select", "throughput_within_accuracy")), budget)
+
+
+def _shown_metrics(answer: Any) -> list[str]:
+    from sweeper.metrics import HEADLINE_METRICS
+
+    extra = [answer.throughput] if answer.throughput not in HEADLINE_METRICS else []
+    return [*extra, *HEADLINE_METRICS]
+
+
+def _record_answer(client: Any, parent_id: str, answer: Any, lines: list[str]) -> None:
+    """The answer on the sweep's parent run: the chosen trial's metrics (`best_*`), its command,
+    the ranked table as an artifact, and a description that says it all."""
+    chosen = answer.chosen
+    table = ["| | trial | setting | " + " | ".join(_shown_metrics(answer)) + " |"]
+    table.append("|" + " --- |" * (3 + len(_shown_metrics(answer))))
+    for trial in answer.ranked:
+        mark = ("→" if trial is chosen else "") + ("★" if trial.on_front else "")
+        values = " | ".join(f"{trial.value(m):.4g}" for m in _shown_metrics(answer))
+        table.append(f"| {mark} | {trial.name} | {trial.label} | {values} |")
+    text = "\n".join(["## The answer", "", *[f"- {line.strip()}" for line in lines], "", *table])
+    client.set_tag(parent_id, "mlflow.note.content", text)
+    client.log_text(parent_id, text, "answer.md")
+    client.set_tag(parent_id, "selection_rule", answer.rule)
+    if chosen is not None:
+        client.set_tag(parent_id, "recommended_trial", chosen.name)
+        client.set_tag(parent_id, "recommended_setting", chosen.label)
+        client.set_tag(parent_id, "recommended_command", chosen.command)
+        for name, value in chosen.metrics.items():
+            if math.isfinite(value):
+                client.log_metric(parent_id, f"best_{name}", value)
+
+
 class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.parent_id: str | None = None
@@ -82,6 +143,10 @@ class MlflowSweepCallback(Callback):
         # status counts only its own failures, not those of other workers of a shared study.
         self.sweep_id = uuid.uuid4().hex
         os.environ[SWEEP_ID_ENV] = self.sweep_id
+        os.environ[VARIED_ENV] = ",".join(varied_keys(config))
+        os.environ[SWEEP_START_ENV] = str(time.time())
+        if size := sweep_size(config):
+            os.environ[SWEEP_SIZE_ENV] = str(size)
         if str(config.hydra.sweeper.get("_target_", "")).startswith(_STUDY_SWEEPER):
             return
         self.experiment_id = use_store(
@@ -99,7 +164,7 @@ class MlflowSweepCallback(Callback):
         global failed_in_last_sweep
         from mlflow import MlflowClient
 
-        from sweeper.reports.tables import show, sweep_table
+        from sweeper.reports.tables import answer_lines, answer_table, show
 
         self.parent_id = self.parent_id or os.environ.get(PARENT_RUN_ENV)
         if self.parent_id is None:
@@ -116,11 +181,22 @@ class MlflowSweepCallback(Callback):
         )
         client.set_tag(self.parent_id, "trials", str(len(rows)))
         client.set_tag(self.parent_id, "failed_trials", str(failed_in_last_sweep))
-        client.set_terminated(self.parent_id, "FINISHED")
+        answer = _answer(client, self.experiment_id, self.parent_id, config)
         os.environ.pop(PARENT_RUN_ENV, None)
-        show(sweep_table(f"sweep: {len(rows)} trials, {failed_in_last_sweep} failed", rows))
+        for name in (VARIED_ENV, SWEEP_SIZE_ENV, SWEEP_START_ENV):
+            os.environ.pop(name, None)
+        failed = [row for row in rows if row["status"] != "FINISHED"]
+        print(f"sweep: {len(rows)} trials, {len(failed)} failed")
+        show(answer_table(answer, _shown_metrics(answer)))
+        for row in failed:
+            print(f"  trial {row['trial']} {row['status']}: {row['overrides']}")
+        lines = answer_lines(answer)
+        print("\n".join(lines))
+        _record_answer(client, self.parent_id, answer, lines)
+        client.set_terminated(self.parent_id, "FINISHED")
         print(f"MLflow parent run {self.parent_id} in {redact(str(config.tracking.uri))}")
-        print(f"  view: {redact(ui_command(config.tracking.uri))}")
+        for line in view_lines(str(config.tracking.uri), self.experiment_id):
+            print(f"  {redact(line)}")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra has just written the job's .hydra/*.yaml (and, in a sweep, multirun.yaml): a

@@ -21,10 +21,60 @@ SWEEP_ID_ENV = "SWEEPER_SWEEP_ID"
 PROCESS_TAG = "sweeper_process"
 
 
+# The keys a sweep varies, handed to its trials (their run names show only these); how many
+# trials it runs and when it started (their progress says "trial 3/8 · sweep ETA").
+VARIED_ENV = "SWEEPER_VARIED_KEYS"
+SWEEP_SIZE_ENV = "SWEEPER_SWEEP_SIZE"
+SWEEP_START_ENV = "SWEEPER_SWEEP_START"
+UI_PORT = 5000
+
+
+def runs_page(server: str, experiment_id: str) -> str:
+    """The MLflow page that lists the experiment's runs (MLflow 3 opens an experiment on its
+    GenAI overview otherwise: "Traces 0", which reads as nothing logged)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def ui_command(uri: str) -> str:
+    """How to look at the store: the server itself, or `mlflow ui` on an absolute path."""
     if _is_server(uri):
         return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return f"mlflow ui --backend-store-uri {uri} --port {UI_PORT}"
+
+
+def view_lines(uri: str, experiment_id: str) -> list[str]:
+    """What to run and open to see a run's experiment: one click for a server."""
+    if _is_server(uri):
+        return [f"open: {runs_page(uri, experiment_id)}"]
+    return [
+        f"view: {ui_command(uri)}",
+        f"  then open: {runs_page(f'http://127.0.0.1:{UI_PORT}', experiment_id)}",
+    ]
+
+
+def sweep_size(config: Any) -> int | None:
+    """The trials a sweep runs: a study's n_trials, a grid's combinations."""
+    if "n_trials" in config.hydra.sweeper:
+        return int(config.hydra.sweeper.n_trials)
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return len(batches[0]) if batches else None
+
+
+def varied_keys(config: Any) -> list[str]:
+    """The keys a sweep's command varies: its sweep overrides (a,b; ranges; intervals) and an
+    Optuna study's search space."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    params = config.hydra.sweeper.get("params") or {}
+    return sorted({*keys, *params})
 
 
 def _is_server(uri: str) -> bool:

@@ -17,6 +17,8 @@ PROMPT_TOKENS = "vllm:prompt_tokens"
 VLLM_TTFT = "vllm_ttft_s"
 VLLM_PREFIX_CACHE_HIT_RATE = "vllm_prefix_cache_hit_rate"
 VLLM_TOKEN_COUNTS = {"vllm_output_tokens": GENERATION_TOKENS, "vllm_prompt_tokens": PROMPT_TOKENS}
+# ... and what a server's histograms stand in for (engine=openai: `vllm_server_means`).
+OWN_METRICS = (VLLM_TTFT, VLLM_PREFIX_CACHE_HIT_RATE, *VLLM_TOKEN_COUNTS, "prefill_s", "queue_s")
 # Per request, recorded when it finishes: first scheduling -> first token, and arrival in the
 # engine core -> first scheduling (what a client of a server cannot see itself).
 PREFILL_TIME = "vllm:request_prefill_time_seconds"
