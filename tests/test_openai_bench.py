@@ -58,7 +58,8 @@ MEASURE_ALL = ("load.warmup=0", "load.cooldown=0")
 # the CPUs, and a 2.3 M-parameter model makes the server's own work a few ms, so what the other
 # processes do moves every number. Measured over 25 back-to-back pairs (sweeper, then bench,
 # 32 requests each, this file's settings: 12 at 4/s, 13 under the closed loop; some before the
-# memory sampler kept to 10% of a core; experiments/serving_load/README.md has more):
+# memory sampler kept to 10% of a core; those pairs were not kept, a machine restart lost them;
+# experiments/serving_load/README.md has one run of this file and a rate sweep):
 # - output throughput at 4/s: both paced by the schedule (each request done before the next is
 #   due), 0.96-1.07 of bench's (bench's window also holds the wait before its first request,
 #   1/32 of it): within 15%, and the rate x 32 tokens within 15%;
