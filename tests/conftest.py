@@ -29,6 +29,14 @@ SMALL_QWEN_VISION = {
     "out_hidden_size": 128,
     "fullatt_block_indexes": [1],
 }
+# engine=openai on a `vllm serve` sweeper starts; no torch.compile: the server starts in tens of
+# seconds instead of compiling first.
+OPENAI_VLLM = (
+    "engine=openai",
+    "engine.server=vllm",
+    "+engine.server_args.enforce_eager=true",
+    "+engine.server_args.max_model_len=2048",
+)
 
 
 def cli_env() -> dict[str, str]:
@@ -101,6 +109,34 @@ def free_engine_cache():
 
     yield ENGINE_CACHE
     ENGINE_CACHE.clear()
+
+
+def trial_requests(trial, engine) -> list:
+    """The requests the trial's workload sends for its task's samples, in order."""
+    from sweeper.data import prefetch
+    from sweeper.tasks import task_class
+    from sweeper.workloads import build_workload
+
+    task = task_class(trial.dataset)(trial.dataset)
+    samples, _ = task.load()
+    workload = build_workload(trial, task, engine)
+    return [workload.request(item) for item in prefetch(samples, 8)]
+
+
+def offline_vllm_answers(*overrides: str) -> list[list[str]]:
+    """The offline engine=vllm's answers (every sequence's text, per request) to the questions
+    of the trial `overrides` make (greedy by default), in its static batches: the reference an
+    engine=openai serving the same model is held to."""
+    from sweeper.requests import DecodingParams, ServingParams
+
+    trial = compose_trial("engine=vllm", "engine.enforce_eager=true", *overrides)
+    engine = load_engine(trial.engine, trial.model.path, **trial.engine.load_options(trial))
+    try:
+        decoding, serving = DecodingParams.from_trial(trial), ServingParams.from_trial(trial)
+        completions = engine.run(trial_requests(trial, engine), decoding, serving)
+        return [completion.texts for completion in completions]
+    finally:
+        engine.close()
 
 
 def load_engine(engine_cfg, path, chat_template: str | None = None, **options):

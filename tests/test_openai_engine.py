@@ -29,30 +29,23 @@ pytest.importorskip(
 import httpx  # noqa: E402
 
 from sweeper.cli import BadInput, preflight  # noqa: E402
-from sweeper.config import TrialConfig  # noqa: E402
-from sweeper.data import prefetch  # noqa: E402
 from sweeper.engines import ENGINE_CACHE, Engine  # noqa: E402
 from sweeper.engines.openai.client import RequestFailed  # noqa: E402
 from sweeper.metrics import HEADLINE_METRICS, memory  # noqa: E402
 from sweeper.requests import DecodingParams, Request, ServingParams  # noqa: E402
-from sweeper.tasks import task_class  # noqa: E402
 from sweeper.trial import run_trial  # noqa: E402
-from sweeper.workloads import build_workload  # noqa: E402
 from tests.conftest import (  # noqa: E402
+    OPENAI_VLLM,
     cached_engine,
     compose_trial,
     load_engine,
+    offline_vllm_answers,
     run_cli,
     start_cli,
+    trial_requests,
 )
 
-# No torch.compile: the server starts in tens of seconds instead of compiling first.
-SERVER = (
-    "engine=openai",
-    "engine.server=vllm",
-    "+engine.server_args.enforce_eager=true",
-    "+engine.server_args.max_model_len=2048",
-)
+SERVER = OPENAI_VLLM
 QUESTIONS = ("dataset.limit=16", "batch_size=8")
 # > 3 KV blocks of 128 tokens (vLLM's CPU block size) shared by every prompt.
 SYSTEM = (
@@ -62,13 +55,6 @@ SYSTEM = (
 
 
 pytestmark = pytest.mark.usefixtures("free_engine_cache")
-
-
-def _requests(trial: TrialConfig, engine: Engine) -> list[Request]:
-    task = task_class(trial.dataset)(trial.dataset)
-    samples, _ = task.load()
-    workload = build_workload(trial, task, engine)
-    return [workload.request(item) for item in prefetch(samples, 8)]
 
 
 def _texts(completions: list) -> list[list[str]]:
@@ -107,14 +93,7 @@ def _assert_client_timing(completion) -> None:
 @pytest.fixture(scope="module")
 def reference() -> list[list[str]]:
     """The offline engine=vllm's greedy answers to the questions, in static batches of 8."""
-    trial = compose_trial("engine=vllm", "engine.enforce_eager=true", *QUESTIONS)
-    options = trial.engine.load_options(trial)
-    engine = load_engine(trial.engine, trial.model.path, **options)
-    try:
-        decoding, serving = DecodingParams.from_trial(trial), ServingParams.from_trial(trial)
-        return _texts(engine.run(_requests(trial, engine), decoding, serving))
-    finally:
-        engine.close()
+    return offline_vllm_answers(*QUESTIONS)
 
 
 # --- bad input: one line, before anything starts ----------------------------------------------
@@ -216,7 +195,7 @@ def test_requests_stream_timings_as_vllm_bench_defines_them(reference) -> None:
     trial = compose_trial(*SERVER, *QUESTIONS, "ignore_eos=true", "max_new_tokens=6")
     engine = cached_engine(trial)  # the server of the test above
     completions = engine.generate(
-        _requests(trial, engine)[:4], DecodingParams.from_trial(trial), ServingParams(4)
+        trial_requests(trial, engine)[:4], DecodingParams.from_trial(trial), ServingParams(4)
     )
     for completion, answer in zip(completions, reference, strict=False):
         _assert_client_timing(completion)
@@ -227,7 +206,7 @@ def test_requests_stream_timings_as_vllm_bench_defines_them(reference) -> None:
 def test_submit_from_several_threads_returns_every_completion(reference) -> None:
     trial = compose_trial(*SERVER, *QUESTIONS)
     engine = cached_engine(trial)
-    requests = _requests(trial, engine)
+    requests = trial_requests(trial, engine)
     decoding, serving = DecodingParams.from_trial(trial), ServingParams.from_trial(trial)
     futures: dict[str, Future] = {}
 
@@ -250,7 +229,7 @@ def test_submit_from_several_threads_returns_every_completion(reference) -> None
 def test_a_refused_request_fails_in_one_line_and_the_batch_with_it(reference) -> None:
     trial = compose_trial(*SERVER, *QUESTIONS)
     engine = cached_engine(trial)
-    requests = _requests(trial, engine)[:4]
+    requests = trial_requests(trial, engine)[:4]
     long_text = {"type": "text", "text": "red " * 5000}  # beyond max_model_len=2048
     too_long = Request("long", [{"role": "user", "content": [long_text]}])
     decoding = DecodingParams.from_trial(trial)
@@ -271,7 +250,7 @@ def test_a_running_server_through_base_url(reference) -> None:
     try:
         decoding, serving = DecodingParams.from_trial(trial), ServingParams.from_trial(trial)
         with engine.own_metrics() as own:
-            completions = engine.run(_requests(trial, engine), decoding, serving)
+            completions = engine.run(trial_requests(trial, engine), decoding, serving)
         assert _texts(completions) == reference
         assert own["vllm_output_tokens"] == sum(c.timing.output_tokens for c in completions)
         assert own["prefill_s"] > 0

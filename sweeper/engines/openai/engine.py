@@ -265,7 +265,7 @@ class OpenAIEngine(Engine):
         futures: list[Future[Completion]] = []
         try:
             for request in requests:  # sent as they come; the server schedules them
-                futures.append(self.submit(request, decoding))
+                futures.append(self.submit(request, decoding, serving))
             for future in as_completed(futures):
                 future.result()  # the first failure ends the run
                 if on_done is not None:
