@@ -37,7 +37,7 @@
 #                concurrency cap that maximise goodput at $SERVE_RATE requests/s
 #   serve-best   BEST (the study's best overrides) under load=rate_sweep, as serve-baseline
 #   serve-client sweeper's client against `vllm bench serve`, same server, same (text) requests,
-#                back to back: one rate below saturation ($CLIENT_RATE) and everything at once
+#                back to back: one at a time, one rate below saturation, everything at once
 #   serve-hf     transformers' continuous batching (text prompts) under load=concurrency 1 / 16
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -234,11 +234,14 @@ phase() {
             "${best[@]}" "${calibration[@]}"
         ;;
     serve-client)
-        python3 "$here/../serving_load/bench.py" --count "${CLIENT_N:-400}" --tokens 100 \
-            --rate "${CLIENT_RATE:-20}" --passes 1 --out "$study/results/client" \
-            --trial "${common[@]}" \
-            >"$study/logs/serve-client.log" 2>&1 || echo "!! serve-client failed"
-        tail -20 "$study/logs/serve-client.log"
+        # One server (vLLM's defaults), text prompts (bench's custom dataset is text): a rate
+        # sweep of 3 steps (one at a time, the rate between, everything at once) by sweeper's
+        # client, then each step again by `vllm bench serve`.
+        python3 "$here/../serving_load/bench.py" --count "${CLIENT_N:-100}" --tokens 100 \
+            --steps 3 --passes 1 --ttft-slo 1 --tpot-slo 0.05 --vllm-defaults \
+            --title "vllm serve, Qwen2.5-VL-7B arch on one H200" --out "$study/results/client" \
+            "${common[@]}" >"$study/logs/serve-client.log" 2>&1 || echo "!! serve-client failed"
+        tail -30 "$study/logs/serve-client.log"
         ;;
     serve-hf)
         sweep serve-hf -m engine=hf continuous_batching=true workload.images=false \

@@ -1,6 +1,10 @@
 """A rate sweep against `vllm serve` on CPU, by sweeper's client and by `vllm bench serve`.
 
-    python experiments/serving_load/bench.py [--count 64] [--passes 2] [--out DIR]
+    python experiments/serving_load/bench.py [--count 64] [--passes 2] [--out DIR] [OVERRIDE ...]
+
+OVERRIDEs are trial overrides after the script's own (another model or dataset); `--vllm-defaults`
+starts the server with vLLM's own settings instead of the CPU tests' eager mode and 2,048-token
+context (the GPU study, experiments/okvqa_replica/gpu_study.sh serve-client).
 
 One `vllm serve` of the tiny model, started once by sweeper's engine (engine=openai
 engine.server=vllm), serves everything. Each pass runs sweeper's `load=rate_sweep` (one trial,
@@ -97,7 +101,7 @@ def bench_row(found: dict, index: int, step: str, target: float | None) -> dict:
 _DETAILED = ("input_lens", "output_lens", "start_times", "ttfts", "itls", "generated_texts")
 
 
-def plot(rows: list[dict], slo: dict[str, float], path: Path) -> None:
+def plot(rows: list[dict], slo: dict[str, float], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +133,7 @@ def plot(rows: list[dict], slo: dict[str, float], path: Path) -> None:
     right.legend(fontsize=8)
     for axis in (left, right):
         axis.grid(alpha=0.3)
-    fig.suptitle("vllm serve, tiny_vlm on 2 shared CPU cores: sweeper's client vs vllm bench serve")
+    fig.suptitle(f"{title}: sweeper's client vs vllm bench serve")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -143,12 +147,19 @@ def main() -> None:
     parser.add_argument("--ttft-slo", type=float, default=0.5)
     parser.add_argument("--tpot-slo", type=float, default=0.025)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--vllm-defaults", action="store_true", help="vLLM's own server settings (a GPU host)"
+    )
+    parser.add_argument(
+        "--title", default="vllm serve, tiny_vlm on 2 shared CPU cores", help="the plot's title"
+    )
+    parser.add_argument("overrides", nargs="*", help="more trial overrides (model=..., ...)")
     args = parser.parse_args()
     out: Path = args.out
     (out / "bench").mkdir(parents=True, exist_ok=True)
 
     overrides = [
-        *OPENAI_VLLM,
+        *(OPENAI_VLLM[:2] if args.vllm_defaults else OPENAI_VLLM),
         "workload.images=false",  # bench's custom dataset is text: the same prompts both ways
         f"dataset.limit={args.count}",
         "ignore_eos=true",
@@ -162,6 +173,7 @@ def main() -> None:
         "calibration_samples=8",
         "calibration_repeats=1",
         "tracking.log_predictions=false",
+        *args.overrides,
     ]
     trial = compose_trial(*overrides)
     started = time.time()
@@ -210,7 +222,7 @@ def main() -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in row.items()})
-    plot(rows, slo, out / "ttft_goodput.png")
+    plot(rows, slo, out / "ttft_goodput.png", args.title)
     import torch
     import vllm
 
