@@ -8,6 +8,7 @@ the process tree, so the VRAM budget is a budget on peak PSS there.
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -32,7 +33,7 @@ from hydra_plugins.sweeper_optuna._definition import (
 )
 from hydra_plugins.sweeper_optuna._errors import StudyError
 from hydra_plugins.sweeper_optuna._space import parse_space
-from sweeper.reports.pareto import dominates
+from sweeper.reports.recommend import dominates
 from sweeper.trial import metric_names
 from tests.conftest import REPO, run_cli, start_cli
 
@@ -291,19 +292,32 @@ def test_pareto_study_returns_a_non_dominated_set(tmp_path: Path, store: dict) -
     (parent,), _ = _runs(store["uri"])
     assert parent.data.tags["pareto_trials"] == ",".join(str(t.number) for t in front)
 
-    # The report computes the same front from the MLflow runs.
+    # The study's report (written as it ended) marks the same front, from the MLflow runs, and
+    # links Optuna's own plots with a caveat: 6 trials are too few for importances.
+    import pandas as pd
+
+    sweep = tmp_path / "sweep"
+    table = pd.read_csv(sweep / "report" / "report.csv")
+    assert sorted(table.loc[table.on_front, "trial"]) == sorted(t.number for t in front)
+    page = (sweep / "report" / "report.html").read_text()
+    assert 'href="../study/summary.html"' in page  # a configuration asked twice runs once
+    assert re.search(r"Only [1-6] trial\(s\) finished: Optuna's history is short", page)
+    assert (sweep / "study" / "summary.html").is_file()  # where the link leads, on disk too
+    client = mlflow.MlflowClient(store["uri"])
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.png", "report/report.csv"} == logged
+    # python -m sweeper.report writes it again from MLflow alone.
     report = subprocess.run(
         [sys.executable, "-m", "sweeper.report", "--experiment", "sweeper"]
-        + ["--tracking-uri", store["uri"], "--out", str(tmp_path / "report")],
+        + ["--tracking-uri", store["uri"], "--out", str(tmp_path / "again")],
         cwd=tmp_path,
         capture_output=True,
         text=True,
     )
     assert report.returncode == 0, report.stderr[-3000:]
-    import pandas as pd
-
-    table = pd.read_csv(tmp_path / "report" / "pareto.csv")
-    assert sorted(table.loc[table.on_front, "trial"]) == sorted(t.number for t in front)
+    again = pd.read_csv(tmp_path / "again" / "report" / "report.csv")
+    assert sorted(again.loc[again.on_front, "trial"]) == sorted(t.number for t in front)
+    assert (tmp_path / "again" / "study" / "summary.html").is_file()
 
 
 def _poll_trials(db: Path) -> dict[int, str]:
