@@ -13,6 +13,7 @@ import difflib
 import os
 import re
 import sys
+import time
 from typing import Any
 
 # Quiet by default: no hub progress bars, no telemetry, no tokenizer fork warnings.
@@ -61,6 +62,13 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("mlflow", "alembic", "httpx", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Library warnings go to the run's log file (Hydra's job log), not the terminal, where
+    # they would bury the progress and the answer.
+    logging.captureWarnings(True)
+    warned = logging.getLogger("py.warnings")
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    warned.handlers = files
+    warned.propagate = False
 
 
 def _group_options(group: str) -> list[str]:
@@ -265,6 +273,52 @@ def _guard_engine_processes() -> None:
     processes.guard_children()
 
 
+class TrialProgress:
+    """The trial's progress on a terminal (nothing in a log file): one bar whose phase is in its
+    description, reset at each phase, so its rate and ETA are the phase's own (warm-up's
+    compiles never inflate the measured run's ETA)."""
+
+    def __init__(self, name: str, position: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.label = " · ".join(filter(None, [position, name[:40]]))
+        # disable=None: a bar on a terminal, nothing in a log file.
+        self.bar = tqdm(desc=self.label, unit="q", leave=False, dynamic_ncols=True, disable=None)
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        from sweeper.engines.toolkit.processes import raise_if_interrupted
+
+        raise_if_interrupted()  # in case a library swallowed the KeyboardInterrupt
+        self.bar.reset(total=total)
+        self.bar.set_description(f"{self.label} · {name}")
+
+    def advance(self, count: int = 1) -> None:
+        from sweeper.engines.toolkit.processes import raise_if_interrupted
+
+        raise_if_interrupted()
+        self.bar.update(count)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def sweep_position(job: int) -> str:
+    """ "trial 3/8 · ETA 2m10s": this trial's place in its sweep (when the sweep knows its size)
+    and the sweep's ETA from the trials done so far."""
+    from sweeper.tracking.store import SWEEP_SIZE_ENV, SWEEP_START_ENV
+
+    size = os.environ.get(SWEEP_SIZE_ENV)
+    if not size:
+        return f"trial {job + 1}"
+    text = f"trial {job + 1}/{size}"
+    started = float(os.environ.get(SWEEP_START_ENV, "0"))
+    if job and started:
+        each = (time.time() - started) / job
+        left = int(each * (int(size) - job))
+        text += f" · sweep ETA {left // 60}m{left % 60:02d}s"
+    return text
+
+
 def _show(name: str, metrics: dict[str, float], multirun: bool) -> None:
     from sweeper.reports.tables import show, trial_table
 
@@ -277,9 +331,6 @@ def _show(name: str, metrics: dict[str, float], multirun: bool) -> None:
 
 def execute(cfg: DictConfig) -> dict[str, float] | None:
     """The Hydra task: one trial, tracked in MLflow. Returns its metrics, or None if it failed."""
-    from tqdm.auto import tqdm
-
-    from sweeper.engines.toolkit.processes import raise_if_interrupted
     from sweeper.tracking.credentials import redact
     from sweeper.tracking.log import log_result
     from sweeper.tracking.store import (
@@ -317,15 +368,8 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
     try:
         with trial_run(name, params, tags):
             trial = check_values(cfg)
-            # disable=None: a bar on a terminal, nothing in a log file.
-            bar = tqdm(desc=name[:40], unit="q", leave=False, dynamic_ncols=True, disable=None)
-
-            def progress(done: int, total: int) -> None:
-                raise_if_interrupted()  # in case a library swallowed the KeyboardInterrupt
-                bar.total = total
-                bar.update(done - bar.n)
-
-            result = run_trial(trial, progress)
+            bar = TrialProgress(name, sweep_position(hydra_cfg.job.num) if multirun else "")
+            result = run_trial(trial, bar)
             bar.close()
             # Shown before anything is written: a disk that filled up cannot take them along.
             _show(name, result.metrics, multirun)

@@ -19,7 +19,7 @@ import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -98,16 +98,34 @@ def metric_names() -> set[str]:
     return names | {name + CI_SUFFIX for name in names}
 
 
+class Progress(Protocol):
+    """What a trial tells while it runs: its phase (`loading`, `warm-up`, `calibration`,
+    `measuring`) with the requests it holds when known, then each request answered."""
+
+    def phase(self, name: str, total: int | None = None) -> None: ...
+
+    def advance(self, count: int = 1) -> None: ...
+
+
+class _Silent:
+    def phase(self, name: str, total: int | None = None) -> None:
+        pass
+
+    def advance(self, count: int = 1) -> None:
+        pass
+
+
 def _requests_per_s(
     workload: Workload,
     engine: Engine,
     items: list[LoadedSample],
     decoding: DecodingParams,
     serving: ServingParams,
+    on_done: Callable[[int], None],
 ) -> float:
     engine.reset_prefix_cache()  # each timed pass over the slice starts cold
     start = engine.now()
-    workload.run(engine, items, decoding, serving)
+    workload.run(engine, items, decoding, serving, on_done)
     return len(items) / (engine.now() - start)
 
 
@@ -118,6 +136,7 @@ def _calibrate(
     decoding: DecodingParams,
     serving: ServingParams,
     repeats: int,
+    on_done: Callable[[int], None],
 ) -> tuple[dict[str, float], float]:
     """batch_efficiency on `items`: batched against one at a time, interleaved `repeats` times;
     and the median requests/s one at a time."""
@@ -125,11 +144,11 @@ def _calibrate(
     # An untimed pass of each shape first: its first call may compile or capture graphs, which
     # the measured run (after warm-up at batch_size) never pays.
     for shape in (serving, one):
-        workload.run(engine, items, decoding, shape)
+        workload.run(engine, items, decoding, shape, on_done)
     batched, single = [], []
     for _ in range(repeats):
-        batched.append(_requests_per_s(workload, engine, items, decoding, serving))
-        single.append(_requests_per_s(workload, engine, items, decoding, one))
+        batched.append(_requests_per_s(workload, engine, items, decoding, serving, on_done))
+        single.append(_requests_per_s(workload, engine, items, decoding, one, on_done))
     efficiency = batch_efficiency(batched, single, min(serving.batch_size, len(items)))
     return efficiency, statistics.median(single)
 
@@ -187,11 +206,13 @@ def _device_tags(device: str) -> dict[str, str]:
     return tags
 
 
-def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = None) -> TrialResult:
-    """Measure one trial; `progress(done, total)` is told as measured requests are answered."""
+def run_trial(trial: TrialConfig, progress: Progress | None = None) -> TrialResult:
+    """Measure one trial, telling `progress` its phases and answered requests."""
+    progress = progress or _Silent()
     model = check_trial(trial)
     task = task_class(trial.dataset)(trial.dataset)
     samples, data_report = task.load()
+    progress.phase("loading")
     loaded = ENGINE_CACHE.get(trial.engine, trial.model, trial.engine.load_options(trial))
     engine = loaded.engine
     decoding = DecodingParams.from_trial(trial)
@@ -202,23 +223,23 @@ def run_trial(trial: TrialConfig, progress: Callable[[int, int], Any] | None = N
 
     with PeakMemoryTracker(engine.device) as memory:
         warmup = samples[: trial.batch_size * trial.warmup_batches]
-        workload.run(engine, prefetch(warmup, depth, data_report), decoding, serving)
+        progress.phase("warm-up", len(warmup))
+        warm = prefetch(warmup, depth, data_report)
+        workload.run(engine, warm, decoding, serving, progress.advance)
 
         efficiency = {"batch_efficiency": 1.0, "batch_speedup": 1.0}  # exact for batch_size 1
         single_rps = math.nan
         if trial.batch_size > 1 or trial.load.open:
             calibration = list(prefetch(samples[: trial.calibration_samples], depth, data_report))
+            repeats = trial.calibration_repeats
+            progress.phase("calibration", len(calibration) * 2 * (1 + repeats))
             efficiency, single_rps = _calibrate(
-                workload, engine, calibration, decoding, serving, trial.calibration_repeats
+                workload, engine, calibration, decoding, serving, repeats, progress.advance
             )
 
-        done, total = 0, len(samples) * trial.repeats * getattr(trial.load, "steps", 1)
-
-        def on_done(count: int) -> None:
-            nonlocal done
-            done += count
-            if progress is not None:
-                progress(done, total)
+        steps_per_run = getattr(trial.load, "steps", 1)
+        progress.phase("measuring", len(samples) * trial.repeats * steps_per_run)
+        on_done = progress.advance
 
         def items() -> Iterable[LoadedSample]:
             engine.reset_prefix_cache()  # no reuse of the earlier phases' identical prompts

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,11 @@ from sweeper.tracking.credentials import redact
 from sweeper.tracking.store import (
     PARENT_RUN_ENV,
     SWEEP_ID_ENV,
+    SWEEP_SIZE_ENV,
+    SWEEP_START_ENV,
     VARIED_ENV,
     process_tags,
+    sweep_size,
     use_store,
     varied_keys,
     view_lines,
@@ -145,6 +149,9 @@ class MlflowSweepCallback(Callback):
         self.sweep_id = uuid.uuid4().hex
         os.environ[SWEEP_ID_ENV] = self.sweep_id
         os.environ[VARIED_ENV] = ",".join(varied_keys(config))
+        os.environ[SWEEP_START_ENV] = str(time.time())
+        if size := sweep_size(config):
+            os.environ[SWEEP_SIZE_ENV] = str(size)
         if str(config.hydra.sweeper.get("_target_", "")).startswith(_STUDY_SWEEPER):
             return
         self.experiment_id = use_store(
@@ -181,7 +188,8 @@ class MlflowSweepCallback(Callback):
         client.set_tag(self.parent_id, "failed_trials", str(failed_in_last_sweep))
         answer = _answer(client, self.experiment_id, self.parent_id, config)
         os.environ.pop(PARENT_RUN_ENV, None)
-        os.environ.pop(VARIED_ENV, None)
+        for name in (VARIED_ENV, SWEEP_SIZE_ENV, SWEEP_START_ENV):
+            os.environ.pop(name, None)
         failed = [row for row in rows if row["status"] != "FINISHED"]
         print(f"sweep: {len(rows)} trials, {len(failed)} failed")
         show(answer_table(answer, answer_metrics(answer)))

@@ -23,8 +23,11 @@ SWEEP_ID_ENV = "SWEEPER_SWEEP_ID"
 PROCESS_TAG = "sweeper_process"
 
 
-# The keys a sweep varies, handed to its trials (their run names show only these).
+# The keys a sweep varies, handed to its trials (their run names show only these); how many
+# trials it runs and when it started (their progress says "trial 3/8 · sweep ETA").
 VARIED_ENV = "SWEEPER_VARIED_KEYS"
+SWEEP_SIZE_ENV = "SWEEPER_SWEEP_SIZE"
+SWEEP_START_ENV = "SWEEPER_SWEEP_START"
 UI_PORT = 5000
 # A sweep's report, among its parent run's artifacts (sweeper/reports/page.py writes it).
 REPORT_PAGE = "report/report.html"
@@ -74,6 +77,18 @@ def view_lines(
         f"  then open: {pages[0]}",
         *(f"  {page}" for page in pages[1:]),
     ]
+
+
+def sweep_size(config: Any) -> int | None:
+    """The trials a sweep runs: a study's n_trials, a grid's combinations."""
+    if "n_trials" in config.hydra.sweeper:
+        return int(config.hydra.sweeper.n_trials)
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return len(batches[0]) if batches else None
 
 
 def varied_keys(config: Any) -> list[str]:
