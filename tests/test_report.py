@@ -69,11 +69,11 @@ def _report(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory):
-    """The README's grid, as a user types it, against an MLflow server."""
+    """A small 2x2 grid as a user types it, against an MLflow server."""
     root = tmp_path_factory.mktemp("report")
     with mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "art", root / "server.log") as url:
         result = run_cli(
-            ["-m", "batch_size=1,4", "max_new_tokens=4,8", "dataset.limit=8"]
+            ["-m", "batch_size=1,4", "max_new_tokens=2,4", "dataset.limit=4"]
             + [f"tracking.uri={url}", f"hydra.sweep.dir={root / 'sweep'}"],
             cwd=root,
         )
@@ -145,7 +145,7 @@ def test_the_answer_and_the_report_are_on_the_parent_run_and_on_disk(grid) -> No
     for child in grid["children"]:
         run = client.get_run(child.info.run_id)
         (entry,) = run.inputs.dataset_inputs
-        assert entry.dataset.name == "easy_vqa test[:8]"
+        assert entry.dataset.name == "easy_vqa test[:4]"
         assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "eval"
         assert run.data.tags["reproduce"].startswith("python -m sweeper batch_size=")
 
