@@ -8,6 +8,7 @@ the process tree, so the VRAM budget is a budget on peak PSS there.
 
 from __future__ import annotations
 
+import html
 import re
 import signal
 import sqlite3
@@ -310,7 +311,7 @@ def test_pareto_study_returns_a_non_dominated_set(tmp_path: Path, store: dict) -
     sweep = tmp_path / "sweep"
     table = pd.read_csv(sweep / "report" / "report.csv")
     assert sorted(table.loc[table.on_front, "trial"]) == sorted(t.number for t in ran)
-    page = (sweep / "report" / "report.html").read_text()
+    page = html.unescape((sweep / "report" / "report.html").read_text())
     assert 'href="../study/summary.html"' in page
     assert re.search(r"Only [1-6] trial\(s\) finished: Optuna's history is short", page)
     assert (sweep / "study" / "summary.html").is_file()  # where the link leads, on disk too
