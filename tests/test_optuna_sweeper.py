@@ -8,6 +8,8 @@ the process tree, so the VRAM budget is a budget on peak PSS there.
 
 from __future__ import annotations
 
+import html
+import re
 import signal
 import sqlite3
 import subprocess
@@ -31,8 +33,9 @@ from hydra_plugins.sweeper_optuna._definition import (
     worker_seed,
 )
 from hydra_plugins.sweeper_optuna._errors import StudyError
+from hydra_plugins.sweeper_optuna._run import DUPLICATE_ATTR
 from hydra_plugins.sweeper_optuna._space import parse_space
-from sweeper.reports.pareto import dominates
+from sweeper.reports.recommend import dominates
 from sweeper.trial import metric_names
 from tests.conftest import REPO, run_cli, start_cli
 
@@ -116,7 +119,7 @@ def test_constraints_objectives_and_the_default_study_name() -> None:
 
 def test_objectives_and_constraints_name_metrics_a_trial_returns() -> None:
     known = metric_names()
-    assert {"accuracy", "exact_match", "tps", "peak_mem_gb", "vllm_ttft_s"} <= known
+    assert {"accuracy", "top_answer_match", "tps", "peak_mem_gb", "vllm_ttft_s"} <= known
     check_metrics(parse_objectives(["accuracy:max"]), [parse_constraint("tps >= 1")], known)
     with pytest.raises(StudyError) as error:
         check_metrics(parse_objectives(["acuracy:max"]), [], known)
@@ -243,13 +246,18 @@ def test_vram_budget_best_trial_is_the_best_feasible_one(tmp_path: Path, store: 
     best = study.best_trial
     assert best in feasible
     assert best.value == max(t.value for t in feasible)
-    # Feasibility is the measured peak against the budget, as logged in MLflow.
+    # Feasibility is the measured peak against the budget, as logged in MLflow. The space has 4
+    # configurations: a trial asking for one that ran already is a duplicate, not run again, so
+    # each configuration has one run, whose peak decides its duplicates too.
     parents, children = _runs(store["uri"])
-    assert len(parents) == 1 and len(children) == 8
+    ran = [t for t in complete if DUPLICATE_ATTR not in t.user_attrs]
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == len(ran)
+    assert len(parents) == 1 and len(children) == len(ran)
     by_number = {int(c.data.tags["optuna_trial_number"]): c for c in children}
     for trial in complete:
-        run = by_number[trial.number]
-        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        run = by_number[trial.user_attrs.get(DUPLICATE_ATTR, trial.number)]
+        if trial in ran:
+            assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
         within = run.data.metrics["peak_mem_gb"] <= budget
         assert run.data.tags["optuna_feasible"] == str(within).lower()
         assert (trial in feasible) == within
@@ -288,22 +296,40 @@ def test_pareto_study_returns_a_non_dominated_set(tmp_path: Path, store: dict) -
     for trial in complete:
         if trial not in front:
             assert any(dominates(f.values, trial.values, maximize) for f in front)
+    # A configuration asked again is a duplicate: not run, and listed once (as the trial that ran).
+    ran = [t for t in front if DUPLICATE_ATTR not in t.user_attrs]
+    assert {tuple(sorted(t.params.items())) for t in front} == {
+        tuple(sorted(t.params.items())) for t in ran
+    }
     (parent,), _ = _runs(store["uri"])
-    assert parent.data.tags["pareto_trials"] == ",".join(str(t.number) for t in front)
+    assert parent.data.tags["pareto_trials"] == ",".join(str(t.number) for t in ran)
 
-    # The report computes the same front from the MLflow runs.
+    # The study's report (written as it ended) marks the same front, from the MLflow runs, and
+    # links Optuna's own plots with a caveat: 6 trials are too few for importances.
+    import pandas as pd
+
+    sweep = tmp_path / "sweep"
+    table = pd.read_csv(sweep / "report" / "report.csv")
+    assert sorted(table.loc[table.on_front, "trial"]) == sorted(t.number for t in ran)
+    page = html.unescape((sweep / "report" / "report.html").read_text())
+    assert 'href="../study/summary.html"' in page
+    assert re.search(r"Only [1-6] trial\(s\) finished: Optuna's history is short", page)
+    assert (sweep / "study" / "summary.html").is_file()  # where the link leads, on disk too
+    client = mlflow.MlflowClient(store["uri"])
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.png", "report/report.csv"} == logged
+    # python -m sweeper.report writes it again from MLflow alone.
     report = subprocess.run(
         [sys.executable, "-m", "sweeper.report", "--experiment", "sweeper"]
-        + ["--tracking-uri", store["uri"], "--out", str(tmp_path / "report")],
+        + ["--tracking-uri", store["uri"], "--out", str(tmp_path / "again")],
         cwd=tmp_path,
         capture_output=True,
         text=True,
     )
     assert report.returncode == 0, report.stderr[-3000:]
-    import pandas as pd
-
-    table = pd.read_csv(tmp_path / "report" / "pareto.csv")
-    assert sorted(table.loc[table.on_front, "trial"]) == sorted(t.number for t in front)
+    again = pd.read_csv(tmp_path / "again" / "report" / "report.csv")
+    assert sorted(again.loc[again.on_front, "trial"]) == sorted(t.number for t in ran)
+    assert (tmp_path / "again" / "study" / "summary.html").is_file()
 
 
 def _poll_trials(db: Path) -> dict[int, str]:

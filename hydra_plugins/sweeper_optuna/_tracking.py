@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.sweeper_optuna._definition import Objective
+from sweeper.reports.page import few_trials_caveat
 from sweeper.tracking.credentials import redact
 from sweeper.tracking.store import PARENT_RUN_ENV, ui_command, use_store
 
@@ -194,6 +195,9 @@ def study_html(study: optuna.Study, objectives: Sequence[Objective]) -> str:
         except Exception as error:  # noqa: BLE001
             body = f"<p>not available: {html.escape(str(error))}</p>"
         parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if caveat := few_trials_caveat(complete):
+        parts.insert(0, f"<p><b>{html.escape(caveat)}</b></p>")
     title = html.escape(f"study {study.study_name}")
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"

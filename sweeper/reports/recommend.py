@@ -43,7 +43,10 @@ class Trial:
     overrides: list[str]  # the trial's own overrides: what reproduces it
     metrics: dict[str, float]
     run_id: str = ""
+    # False: outside an Optuna study's constraints: never on the front, never recommended.
+    feasible: bool = True
     label: str = ""  # the overrides that vary across the sweep
+    knobs: dict[str, str] = field(default_factory=dict)  # the same, as key -> value
     on_front: bool = False
     eligible: bool = True
     close_to_chosen: bool = False
@@ -71,32 +74,55 @@ def throughput_metric(trials: Sequence[Trial]) -> str:
     return "goodput_rps" if measured and len(measured) == len(trials) else "tps"
 
 
-def _dominates(a: Trial, b: Trial, throughput: str) -> bool:
-    higher = [
-        (a.value("accuracy"), b.value("accuracy")),
-        (a.value(throughput), b.value(throughput)),
-    ]
-    lower = [(a.value("peak_mem_gb"), b.value("peak_mem_gb"))]
-    pairs = higher + [(-x, -y) for x, y in lower]
+def objectives(throughput: str) -> list[tuple[str, bool]]:
+    """The front's objectives, (metric, higher is better) each."""
+    return [("accuracy", True), (throughput, True), ("peak_mem_gb", False)]
+
+
+def dominates(a: Sequence[float], b: Sequence[float], higher: Sequence[bool]) -> bool:
+    """a is at least as good as b in every objective both know, and better in one."""
+    pairs = [(x, y) if up else (-x, -y) for x, y, up in zip(a, b, higher, strict=True)]
     known = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
     return all(x >= y for x, y in known) and any(x > y for x, y in known)
 
 
+def front(trials: Sequence[Trial], goals: Sequence[tuple[str, bool]]) -> list[Trial]:
+    """The feasible trials no other feasible trial dominates on `goals`."""
+    feasible = [t for t in trials if t.feasible]
+    higher = [up for _, up in goals]
+
+    def values(trial: Trial) -> list[float]:
+        return [trial.value(metric) for metric, _ in goals]
+
+    return [
+        t
+        for t in feasible
+        if not any(dominates(values(o), values(t), higher) for o in feasible if o is not t)
+    ]
+
+
 def mark_front(trials: Sequence[Trial], throughput: str) -> None:
     """★: no other trial is at least as good in accuracy, throughput and memory, and better in
-    one of them."""
+    one of them (trials outside a study's constraints are never on it)."""
+    on = {id(t) for t in front(trials, objectives(throughput))}
     for trial in trials:
-        trial.on_front = not any(_dominates(other, trial, throughput) for other in trials)
+        trial.on_front = id(trial) in on
+
+
+def _normal(override: str) -> tuple[str, str]:
+    """One spelling per value: a grid's job overrides escape ':' and write True for true."""
+    key, _, value = override.replace("\\", "").partition("=")
+    return key, value.lower() if value in ("True", "False") else value
 
 
 def label_varying(trials: Sequence[Trial]) -> None:
     """Label each trial with its overrides whose values differ across the trials (the fixed
     ones, such as tracking.uri, would drown what was swept)."""
-    parsed = [dict(o.split("=", 1) for o in t.overrides if "=" in o) for t in trials]
+    parsed = [dict(_normal(o) for o in t.overrides if "=" in o) for t in trials]
     varying = {k for one in parsed for k in one if len({p.get(k) for p in parsed}) > 1}
     for trial, one in zip(trials, parsed, strict=True):
-        picked = [f"{k}={v}" for k, v in one.items() if k in varying]
-        trial.label = " ".join(picked) or "defaults"
+        trial.knobs = {k: v for k, v in one.items() if k in varying}
+        trial.label = " ".join(f"{k}={v}" for k, v in trial.knobs.items()) or "defaults"
 
 
 def recommend(
@@ -116,16 +142,21 @@ def recommend(
     mark_front(trials, throughput)
     label_varying(trials)
     for trial in trials:
-        trial.eligible = budget_gb is None or trial.value("peak_mem_gb") <= budget_gb
+        trial.eligible = trial.feasible and (
+            budget_gb is None or trial.value("peak_mem_gb") <= budget_gb
+        )
     if Rule(rule) is Rule.throughput_within_accuracy:
+        # The best accuracy among the trials allowed at all: one over the budget or outside a
+        # study's constraints cannot set the bar for the others.
         accurate = [t for t in trials if math.isfinite(t.value("accuracy"))]
-        if accurate:
-            best = max(accurate, key=lambda t: t.value("accuracy"))
+        allowed = [t for t in accurate if t.eligible]
+        if allowed:
+            best = max(allowed, key=lambda t: t.value("accuracy"))
             width = best.value("accuracy" + CI_SUFFIX)
             floor = best.value("accuracy") - (width if math.isfinite(width) else 0.0)
             for trial in trials:
                 trial.eligible &= trial.value("accuracy") >= floor
-        else:
+        elif not accurate:
             notes.append("no trial logged accuracy: the fastest is chosen")
     key = {
         Rule.throughput_within_accuracy: lambda t: (t.value(throughput),),
@@ -140,7 +171,7 @@ def recommend(
     ranked = sorted(trials, key=order, reverse=True)
     chosen = ranked[0] if ranked[0].eligible else None
     if chosen is None:
-        notes.append("no trial meets the rule (memory budget): none is recommended")
+        notes.append("no trial meets the rule (memory budget, constraints): none is recommended")
     else:
         width = chosen.value(throughput + CI_SUFFIX)
         for trial in ranked[1:]:

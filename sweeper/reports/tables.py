@@ -70,31 +70,71 @@ def show(table: Table) -> None:
     Console(width=max(160, Console().width)).print(table)
 
 
+# What the marks of a ranked table mean (the terminal, answer.md and the report's HTML).
+MARKS = (
+    "→ recommended, ★ on the Pareto front (accuracy, throughput, memory), ≈ within the "
+    "recommended one's 95% interval, ✗ outside the rule (memory budget, accuracy interval, "
+    "a study's constraints)"
+)
+
+
+def answer_metrics(answer: Any) -> list[str]:
+    """The columns of a ranked table: the rule's throughput first when it is not tps."""
+    extra = [answer.throughput] if answer.throughput not in HEADLINE_METRICS else []
+    return [*extra, *HEADLINE_METRICS]
+
+
+def unit(name: str) -> str:
+    """A metric's unit: named above, else read off its suffix (`_s`: seconds, `_gb`: GiB)."""
+    if name in UNITS:
+        return UNITS[name]
+    return {"_s": "s", "_gb": "GiB", "_rps": "req/s"}.get("_" + name.rsplit("_", 1)[-1], "")
+
+
+def heading(name: str) -> str:
+    return f"{name} ({unit(name)})" if unit(name) else name
+
+
+def marks(answer: Any, trial: Any) -> str:
+    pairs = (
+        ("→", trial is answer.chosen),
+        ("★", trial.on_front),
+        ("≈", trial.close_to_chosen),
+        ("✗", not trial.eligible),
+    )
+    return "".join(mark for mark, on in pairs if on)
+
+
+def answer_rows(answer: Any, metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of the ranked table, as text: one source for every rendering."""
+    header = ["", "trial", "setting", *(heading(name) for name in metrics)]
+    rows = [
+        [marks(answer, t), t.name, t.label, *(with_ci(t.metrics, name) for name in metrics)]
+        for t in answer.ranked
+    ]
+    return header, rows
+
+
 def answer_table(answer: Any, metrics: Sequence[str]) -> Table:
     """The sweep's trials in the rule's order: ★ on the Pareto front, → the recommended one,
     ≈ within its 95% interval, ✗ outside the rule (memory budget, accuracy interval)."""
     table = Table(title=f"ranked by {answer.rule}", title_justify="left")
-    table.add_column("")
-    table.add_column("trial", justify="right")
-    table.add_column("setting")
-    for name in metrics:
-        unit = UNITS.get(name, "")
-        table.add_column(f"{name} ({unit})" if unit else name, justify="right")
-    for trial in answer.ranked:
-        marks = "".join(
-            mark
-            for mark, on in (
-                ("→", trial is answer.chosen),
-                ("★", trial.on_front),
-                ("≈", trial.close_to_chosen),
-                ("✗", not trial.eligible),
-            )
-            if on
-        )
-        table.add_row(
-            marks, trial.name, trial.label, *(with_ci(trial.metrics, name) for name in metrics)
-        )
+    header, rows = answer_rows(answer, metrics)
+    for index, column in enumerate(header):
+        table.add_column(column, justify="right" if index == 1 or index > 2 else "left")
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+def answer_markdown(answer: Any, lines: Sequence[str]) -> str:
+    """The answer as Markdown (the parent run's description and answer.md)."""
+    header, rows = answer_rows(answer, answer_metrics(answer))
+    table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(
+        ["## The answer", "", *[f"- {line.strip()}" for line in lines], "", *table, "", MARKS]
+    )
 
 
 def answer_lines(answer: Any) -> list[str]:
@@ -104,7 +144,7 @@ def answer_lines(answer: Any) -> list[str]:
     if chosen is None:
         return lines
     shown = [
-        f"{name} {with_ci(chosen.metrics, name)} {UNITS.get(name, '')}".rstrip()
+        f"{name} {with_ci(chosen.metrics, name)} {unit(name)}".rstrip()
         for name in (answer.throughput, "accuracy", "peak_mem_gb")
         if name in chosen.metrics
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -78,46 +79,21 @@ def _child_rows(client: Any, experiment_id: str, parent_id: str) -> list[dict[st
 
 def _answer(client: Any, experiment_id: str, parent_id: str, config: DictConfig) -> Any:
     """The sweep's finished trials, ranked by `select` (sweeper/reports/recommend.py)."""
-    from sweeper.reports.recommend import Trial, recommend
+    from sweeper.reports.recommend import recommend
+    from sweeper.reports.runs import load_trials
 
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
-        max_results=10_000,
-    )
-    trials = [
-        Trial(
-            name=run.data.tags.get("hydra_job_num", ""),
-            overrides=run.data.tags.get("hydra_overrides", "").split(),
-            metrics=dict(run.data.metrics),
-            run_id=run.info.run_id,
-        )
-        for run in runs
-        if "rate_sweep_step" not in run.data.tags or "hydra_job_num" in run.data.tags
-    ]
-    trials.sort(key=lambda t: int(t.name) if t.name.isdigit() else 0)
+    trials = load_trials(client, experiment_id, parent_id)
     budget = config.get("budget_gb")
     return recommend(trials, str(config.get("select", "throughput_within_accuracy")), budget)
-
-
-def _shown_metrics(answer: Any) -> list[str]:
-    from sweeper.metrics import HEADLINE_METRICS
-
-    extra = [answer.throughput] if answer.throughput not in HEADLINE_METRICS else []
-    return [*extra, *HEADLINE_METRICS]
 
 
 def _record_answer(client: Any, parent_id: str, answer: Any, lines: list[str]) -> None:
     """The answer on the sweep's parent run: the chosen trial's metrics (`best_*`), its command,
     the ranked table as an artifact, and a description that says it all."""
+    from sweeper.reports.tables import answer_markdown
+
     chosen = answer.chosen
-    table = ["| | trial | setting | " + " | ".join(_shown_metrics(answer)) + " |"]
-    table.append("|" + " --- |" * (3 + len(_shown_metrics(answer))))
-    for trial in answer.ranked:
-        mark = ("→" if trial is chosen else "") + ("★" if trial.on_front else "")
-        values = " | ".join(f"{trial.value(m):.4g}" for m in _shown_metrics(answer))
-        table.append(f"| {mark} | {trial.name} | {trial.label} | {values} |")
-    text = "\n".join(["## The answer", "", *[f"- {line.strip()}" for line in lines], "", *table])
+    text = answer_markdown(answer, lines)
     client.set_tag(parent_id, "mlflow.note.content", text)
     client.log_text(parent_id, text, "answer.md")
     client.set_tag(parent_id, "selection_rule", answer.rule)
@@ -128,6 +104,35 @@ def _record_answer(client: Any, parent_id: str, answer: Any, lines: list[str]) -
         for name, value in chosen.metrics.items():
             if math.isfinite(value):
                 client.log_metric(parent_id, f"best_{name}", value)
+
+
+def _report(
+    client: Any, experiment_id: str, parent_id: str, answer: Any, config: DictConfig
+) -> list[str]:
+    """The sweep's saved view in MLflow (its trials, the six metrics as columns) and its report
+    (HTML, PNG, CSV) in the sweep's folder and on the parent run; the lines that say where to
+    see them. Neither is the answer, which is printed already: a failure here is one line, and
+    the sweep's status stays what its trials made it."""
+    from sweeper.reports.page import describe, make_report
+    from sweeper.tracking.store import runs_page, ui_server
+    from sweeper.tracking.views import sweep_view
+
+    uri = str(config.tracking.uri)
+    pages = view_lines(uri, experiment_id)
+    try:
+        knobs = varied_keys(config) or sorted({k for t in answer.ranked for k in t.knobs})
+        view = sweep_view(client, experiment_id, parent_id, answer.throughput, knobs)
+        pages = view_lines(uri, experiment_id, view)
+        context = describe(client, parent_id, str(config.experiment_name), answer)
+        context.runs_url = redact(runs_page(ui_server(uri), experiment_id, view))
+        files = make_report(client, parent_id, answer, context, Path(config.hydra.sweep.dir))
+        pages = view_lines(uri, experiment_id, view, report=parent_id)
+        print(f"report: {files[0]} (and on the parent run, report/)")
+    except Exception as error:  # noqa: BLE001 - see above
+        lines = str(error).strip().splitlines()
+        detail = redact(f"{type(error).__name__}: {lines[0] if lines else ''}")
+        print(f"sweeper: the sweep's report was not written: {detail}", file=sys.stderr)
+    return pages
 
 
 class MlflowSweepCallback(Callback):
@@ -164,7 +169,7 @@ class MlflowSweepCallback(Callback):
         global failed_in_last_sweep
         from mlflow import MlflowClient
 
-        from sweeper.reports.tables import answer_lines, answer_table, show
+        from sweeper.reports.tables import answer_lines, answer_metrics, answer_table, show
 
         self.parent_id = self.parent_id or os.environ.get(PARENT_RUN_ENV)
         if self.parent_id is None:
@@ -187,15 +192,16 @@ class MlflowSweepCallback(Callback):
             os.environ.pop(name, None)
         failed = [row for row in rows if row["status"] != "FINISHED"]
         print(f"sweep: {len(rows)} trials, {len(failed)} failed")
-        show(answer_table(answer, _shown_metrics(answer)))
+        show(answer_table(answer, answer_metrics(answer)))
         for row in failed:
             print(f"  trial {row['trial']} {row['status']}: {row['overrides']}")
         lines = answer_lines(answer)
         print("\n".join(lines))
         _record_answer(client, self.parent_id, answer, lines)
+        pages = _report(client, self.experiment_id, self.parent_id, answer, config)
         client.set_terminated(self.parent_id, "FINISHED")
         print(f"MLflow parent run {self.parent_id} in {redact(str(config.tracking.uri))}")
-        for line in view_lines(str(config.tracking.uri), self.experiment_id):
+        for line in pages:
             print(f"  {redact(line)}")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:

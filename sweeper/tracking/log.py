@@ -73,3 +73,67 @@ def _log_predictions(predictions: list[dict[str, Any]]) -> None:
 
     # Raw outputs and the human answers as lists: any scorer can rescore the run from it.
     mlflow.log_table(pd.DataFrame(predictions), artifact_file="predictions.json")
+
+
+# The config keys that say where a dataset's files are (sweeper/tasks/config.py).
+_DATASET_FILE_KEYS = ("path", "questions_file")
+
+
+def _dataset_source(dataset: dict[str, Any]) -> Any:
+    """Where the dataset comes from: its file or folder, a hub id, or the easy-vqa package."""
+    import warnings
+    from pathlib import Path
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    place = next((str(dataset[k]) for k in _DATASET_FILE_KEYS if dataset.get(k)), None)
+    if place is None and str(dataset.get("name", "")).startswith("easy_vqa"):
+        import easy_vqa  # its questions and images ship inside the package
+
+        place = str(Path(easy_vqa.__file__).parent / "data")
+    if place is None:  # a task that reads no file of its own
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        return CodeDatasetSource({"dataset": str(dataset.get("name", ""))})
+    if place.startswith(("http://", "https://")):
+        return HTTPDatasetSource(place)
+    if not Path(place).expanduser().exists() and "/" in place and "://" not in place:
+        return HuggingFaceDatasetSource(place, split=dataset.get("split"))  # a hub id
+    with warnings.catch_warnings():  # MLflow registers local files under two schemes; either
+        warnings.simplefilter("ignore")
+        return resolve_dataset_source(Path(place).expanduser().resolve().as_uri())
+
+
+def dataset_input(params: dict[str, Any]) -> Any:
+    """The trial's dataset as an MLflow dataset (metadata only): named by its name, split and
+    limit, e.g. `easy_vqa test[:200]`; its digest covers every `dataset.*` key (seed, scoring,
+    question types...), so two trials share a digest exactly when they read the same questions
+    the same way."""
+    import hashlib
+    import json
+
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset = {k.removeprefix("dataset."): v for k, v in params.items() if k.startswith("dataset.")}
+    name = str(dataset.get("name", "dataset"))
+    if dataset.get("split"):
+        name += f" {dataset['split']}"
+    if dataset.get("limit") is not None:
+        name += f"[:{dataset['limit']}]"
+    digest = hashlib.sha256(json.dumps(dataset, sort_keys=True, default=str).encode()).hexdigest()
+    return MetaDataset(_dataset_source(dataset), name=name, digest=digest[:10])
+
+
+def log_dataset(params: dict[str, Any]) -> None:
+    """The trial's dataset as the run's input (MLflow's Datasets column and filter)."""
+    import mlflow
+
+    dataset = dataset_input(params)
+    tags = {
+        k: str(params[f"dataset.{k}"])
+        for k in ("split", "limit", "seed")
+        if params.get(f"dataset.{k}") is not None
+    }
+    mlflow.log_input(dataset, context="eval", tags=tags)

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sweeper.tracking.views import TRIALS_VIEW, VIEW_URL_PARAM, ensure_trials_view
+
 # The sweep's parent run id, handed to trials (also in launcher subprocesses) through the env.
 PARENT_RUN_ENV = "SWEEPER_PARENT_RUN_ID"
 # The id of the sweep command that launched a trial (a tag on its run).
@@ -27,12 +29,26 @@ VARIED_ENV = "SWEEPER_VARIED_KEYS"
 SWEEP_SIZE_ENV = "SWEEPER_SWEEP_SIZE"
 SWEEP_START_ENV = "SWEEPER_SWEEP_START"
 UI_PORT = 5000
+# A sweep's report, among its parent run's artifacts (sweeper/reports/page.py writes it).
+REPORT_PAGE = "report/report.html"
 
 
-def runs_page(server: str, experiment_id: str) -> str:
+def runs_page(server: str, experiment_id: str, view: str | None = None) -> str:
     """The MLflow page that lists the experiment's runs (MLflow 3 opens an experiment on its
-    GenAI overview otherwise: "Traces 0", which reads as nothing logged)."""
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    GenAI overview otherwise: "Traces 0", which reads as nothing logged), through the saved
+    `view` that shows the six metrics as columns (sweeper/tracking/views.py)."""
+    page = f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{page}&{VIEW_URL_PARAM}={view}" if view else page
+
+
+def artifact_page(server: str, experiment_id: str, run_id: str, path: str) -> str:
+    """The MLflow page that shows one artifact of a run (HTML rendered, images drawn)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path}"
+
+
+def ui_server(uri: str) -> str:
+    """Where the MLflow UI of the store `uri` answers: the server itself, or `mlflow ui`."""
+    return uri if _is_server(uri) else f"http://127.0.0.1:{UI_PORT}"
 
 
 def ui_command(uri: str) -> str:
@@ -44,13 +60,22 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --port {UI_PORT}"
 
 
-def view_lines(uri: str, experiment_id: str) -> list[str]:
-    """What to run and open to see a run's experiment: one click for a server."""
+def view_lines(
+    uri: str, experiment_id: str, view: str = TRIALS_VIEW, report: str | None = None
+) -> list[str]:
+    """What to run and open to see a run's experiment: one click for a server. `view`: the
+    saved view to open the runs page with (default: all trials, the six metrics as columns);
+    `report`: the run whose report/report.html to link."""
+    server = ui_server(uri)
+    pages = [runs_page(server, experiment_id, view)]
+    if report:
+        pages.append(f"report: {artifact_page(server, experiment_id, report, REPORT_PAGE)}")
     if _is_server(uri):
-        return [f"open: {runs_page(uri, experiment_id)}"]
+        return [f"open: {pages[0]}", *(f"  {page}" for page in pages[1:])]
     return [
         f"view: {ui_command(uri)}",
-        f"  then open: {runs_page(f'http://127.0.0.1:{UI_PORT}', experiment_id)}",
+        f"  then open: {pages[0]}",
+        *(f"  {page}" for page in pages[1:]),
     ]
 
 
@@ -231,6 +256,7 @@ def use_store(uri: str, artifact_location: str, experiment_name: str) -> str:
 
 def _open_experiment(uri: str, artifact_location: str, experiment_name: str) -> str:
     import mlflow
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from sweeper.tracking.credentials import with_password
@@ -254,6 +280,10 @@ def _open_experiment(uri: str, artifact_location: str, experiment_name: str) -> 
                 raise error from None
             experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    # The saved view the printed links open; a store that refuses experiment tags (a user who
+    # may log runs but not edit the experiment) still takes the trials.
+    with contextlib.suppress(MlflowException):
+        ensure_trials_view(MlflowClient(), experiment or mlflow.get_experiment(experiment_id))
     return experiment_id
 
 
@@ -350,7 +380,8 @@ def _end(status: str) -> None:
 
 @contextmanager
 def trial_run(run_name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Any]:
-    """An MLflow run for one trial, child of the sweep's parent run when there is one.
+    """An MLflow run for one trial, child of the sweep's parent run when there is one; its
+    params, and its dataset (the `dataset.*` params) as the run's input.
 
     Ends FINISHED, or FAILED with the error recorded (tag `error`, artifact `error.txt`) when
     the body raises; KeyboardInterrupt (or SIGINT/SIGTERM that a library swallowed) ends it
@@ -360,6 +391,7 @@ def trial_run(run_name: str, params: dict[str, Any], tags: dict[str, str]) -> It
 
     from sweeper.engines.toolkit.processes import interrupted
     from sweeper.tracking.credentials import redact
+    from sweeper.tracking.log import log_dataset
 
     parent = os.environ.get(PARENT_RUN_ENV)
     tags = {**tags, **process_tags()}
@@ -368,6 +400,7 @@ def trial_run(run_name: str, params: dict[str, Any], tags: dict[str, str]) -> It
     run = mlflow.start_run(run_name=redact(run_name), parent_run_id=parent, tags=_redacted(tags))
     try:
         mlflow.log_params(_redacted(params))
+        log_dataset(_redacted(params))
         yield run
     except KeyboardInterrupt:
         _end("KILLED")
