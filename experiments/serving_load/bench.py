@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # tests.* (the bench helpers) from any working directory
+sys.path.append(str(REPO))  # tests.* (the bench helpers); an installed sweeper stays first
 
 from sweeper.trial import run_trial  # noqa: E402
 from tests.conftest import OPENAI_VLLM, cached_engine, compose_trial, trial_requests  # noqa: E402
