@@ -23,14 +23,9 @@ from sweeper.reference import answers_key, exact_reference
 from sweeper.trial import REFERENCES, TrialResult, run_trial
 from tests.conftest import compose_trial, run_cli
 
-# Eight questions, four tokens, one batch shape; a short calibration.
-FAST = (
-    "dataset.limit=8",
-    "max_new_tokens=4",
-    "batch_size=4",
-    "calibration_samples=4",
-    "calibration_repeats=1",
-)
+# Eight questions, four tokens, one at a time (no calibration), no warm-up: what is checked
+# here are the answers, not the speed.
+FAST = ("dataset.limit=8", "max_new_tokens=4", "batch_size=1", "warmup_batches=0")
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
@@ -106,8 +101,16 @@ def test_vllm_fp8_kv_cache_and_ngram_speculation_against_the_exact_reference() -
         assert "ngram" in speculative.tags["vllm_speculative_config"]
         _assert_hand_computed(speculative, REFERENCES[key])
         assert speculative.metrics["answer_agreement"] == 1.0
-        assert 0 <= speculative.metrics["spec_acceptance_rate"] <= 1
-        assert 1 <= speculative.metrics["spec_mean_accepted_length"] <= 3
+        # A one-word answer leaves n-gram lookup little to draft (no metric without drafts);
+        # a run past EOS repeats itself, and vLLM's counters say how much of each draft it kept.
+        drafted = run_trial(
+            compose_trial(
+                *vllm, "engine.num_speculative_tokens=2", "ignore_eos=true", "max_new_tokens=16"
+            )
+        )
+        assert drafted.tags["engine_cache"] == "hit"
+        assert 0 < drafted.metrics["spec_acceptance_rate"] <= 1
+        assert 1 < drafted.metrics["spec_mean_accepted_length"] <= 3
     finally:
         ENGINE_CACHE.clear()
 
