@@ -6,8 +6,8 @@ guard against the exact reference).
 
 Variants run in turn in this process, as a sweep's trials do: each engine's exact reference is
 answered once (the first variant of each group is the exact configuration itself) and reused.
-Writes results.json (every variant's metrics and tags) and quality_guard.png, and prints the
-README's markdown table.
+Writes results.json (every variant's metrics and tags) and results.png (beside --out), and
+prints the README's markdown table.
 """
 
 from __future__ import annotations
@@ -97,7 +97,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument(
+        "--only", nargs="+", metavar="LABEL", help="these variants, in this order (a re-check)"
+    )
     args = parser.parse_args()
+    labels = dict(VARIANTS)
+    variants = [(label, labels[label]) for label in args.only] if args.only else VARIANTS
     register_configs()
     common = [
         f"dataset.limit={args.limit}",
@@ -107,7 +112,7 @@ def main() -> None:
     ]
     rows = []
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    for label, overrides in VARIANTS:
+    for label, overrides in variants:
         begin = time.perf_counter()
         result = run_trial(_trial([*common, *overrides]))
         print(f"{label}: {time.perf_counter() - begin:.0f} s", flush=True)
@@ -118,13 +123,14 @@ def main() -> None:
     meta = {
         "started": started,
         "command": f"python experiments/quality_guard/bench.py --limit {args.limit} "
-        f"--repeats {args.repeats}",
+        f"--repeats {args.repeats}"
+        + (f" --only {' '.join(map(repr, args.only))}" if args.only else ""),
         "common": common,
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    _plot(rows, args.out.with_name("quality_guard.png"))
+    _plot(rows, args.out.with_suffix(".png"))
     print("| variant | " + " | ".join(METRICS) + " |")
     print("| --- |" + " --- |" * len(METRICS))
     for row in rows:
