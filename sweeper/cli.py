@@ -337,7 +337,9 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
     """The Hydra task: one trial, tracked in MLflow. Returns its metrics, or None if it failed."""
     from sweeper.tracking.credentials import redact
     from sweeper.tracking.log import log_result
+    from sweeper.tracking.references import ParentRunReferences
     from sweeper.tracking.store import (
+        PARENT_RUN_ENV,
         StoreError,
         flatten,
         git_commit,
@@ -373,7 +375,9 @@ def execute(cfg: DictConfig) -> dict[str, float] | None:
         with trial_run(name, params, tags):
             trial = check_values(cfg)
             bar = TrialProgress(name, sweep_position(hydra_cfg.job.num) if multirun else "")
-            result = run_trial(trial, bar)
+            parent = os.environ.get(PARENT_RUN_ENV)
+            references = ParentRunReferences(parent) if parent else None
+            result = run_trial(trial, bar, references)
             bar.close()
             # Shown before anything is written: a disk that filled up cannot take them along.
             _show(name, result.metrics, multirun)

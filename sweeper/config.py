@@ -154,6 +154,9 @@ class TrackingConfig:
     log_predictions: bool = True
 
 
+EXACT_REFERENCE = "exact"
+
+
 @dataclass
 class TrialConfig:
     engine: Any = MISSING
@@ -205,6 +208,12 @@ class TrialConfig:
     # it bounds the peak PSS, as peak_mem_gb does. Unused by a trial itself.
     budget_gb: float | None = None
 
+    # What the trial's answers are compared with (answer_agreement, accuracy_delta and its
+    # interval, reference_accuracy): `exact`, this trial with every output-changing knob at its
+    # exact setting (no KV-cache or weight quantization, no speculation, greedy), run once per
+    # sweep and reused; a predictions table (an earlier trial's predictions.json); null: none.
+    reference: str | None = EXACT_REFERENCE
+
     def __post_init__(self) -> None:
         check(self.beam_num >= 1, "beam_num", self.beam_num, "an integer >= 1")
         if self.budget_gb is not None:
@@ -236,6 +245,12 @@ class TrialConfig:
                 "num_samples",
                 self.num_samples,
                 "1 with greedy decoding (temperature=0); sample with temperature > 0",
+            )
+        if self.reference not in (None, EXACT_REFERENCE):
+            check_file(
+                "reference",
+                self.reference,
+                f"{EXACT_REFERENCE}, null, or an existing predictions table (predictions.json)",
             )
         self.workload.check(self)
         self.load.check(self)

@@ -23,15 +23,17 @@ from typing import Any, Protocol
 
 import torch
 
-from sweeper.config import ConfigError, TrialConfig
+from sweeper.config import EXACT_REFERENCE, ConfigError, TrialConfig
 from sweeper.data import DataError, LoadedSample, Sample, prefetch
 from sweeper.engines import ENGINE_CACHE, Engine
 from sweeper.loads import Measured, build_load
 from sweeper.metrics.memory import PeakMemoryTracker
 from sweeper.metrics.performance import RequestTiming, batch_efficiency, summarize
+from sweeper.metrics.quality import QUALITY_METRICS, quality_metrics
 from sweeper.metrics.stats import CI_SUFFIX, combine_repeats
 from sweeper.models import resolve_model_path
 from sweeper.models.info import ModelInfo, model_info
+from sweeper.reference import answers_key, changes, exact_reference, read_predictions
 from sweeper.requests import DecodingParams, ServingParams
 from sweeper.tasks import Task, task_class
 from sweeper.workloads import Workload, build_workload
@@ -65,6 +67,9 @@ def check_trial(trial: TrialConfig) -> ModelInfo:
     if trial.load.open and (why := trial.engine.open_load_refusal(trial)):
         raise ConfigError("load", trial.load.name, why)
     chat_prompts(model, trial.model.chat_template)  # refuses a model without a chat template
+    if trial.reference == EXACT_REFERENCE:
+        reference = exact_reference(trial)
+        reference.engine.check(reference, model)
     return model
 
 
@@ -76,7 +81,23 @@ TRIAL_METRICS = (
     "model_load_s",
     "num_samples_measured",
     "skipped_samples",
+    "reference_accuracy",
+    *QUALITY_METRICS,
 )
+
+Predictions = list[dict[str, Any]]
+
+
+class ReferenceStore(Protocol):
+    """Where a sweep keeps its references' predictions, by `answers_key` (its parent run)."""
+
+    def get(self, key: str) -> Predictions | None: ...
+
+    def put(self, key: str, predictions: Predictions) -> None: ...
+
+
+# References answered in this process, by answers_key: a sweep's later trials reuse them.
+REFERENCES: dict[str, Predictions] = {}
 
 
 def metric_names() -> set[str]:
@@ -177,6 +198,60 @@ def _score(
     return metrics, predictions
 
 
+def _answer_once(trial: TrialConfig, progress: Progress) -> Predictions:
+    """The trial's predictions from one unmeasured pass over its samples (a reference's)."""
+    task = task_class(trial.dataset)(trial.dataset)
+    samples, data_report = task.load()
+    progress.phase("reference: loading")
+    engine = ENGINE_CACHE.get(trial.engine, trial.model, trial.engine.load_options(trial)).engine
+    workload = build_workload(trial, task, engine)
+    samples = workload.arrange(samples)
+    depth = max(trial.dataset.prefetch, trial.batch_size)
+    decoding, serving = DecodingParams.from_trial(trial), ServingParams.from_trial(trial)
+
+    def items() -> Iterable[LoadedSample]:
+        engine.reset_prefix_cache()
+        torch.manual_seed(trial.seed)
+        return prefetch(samples, depth, data_report)
+
+    progress.phase("reference", len(samples))
+    load = build_load(trial.load)
+    (measured,) = load.measure(
+        engine, workload, items, len(samples), decoding, serving, progress.advance
+    )
+    return _score(trial, task, workload, measured, samples)[1]
+
+
+def _reference_answers(
+    trial: TrialConfig, progress: Progress, store: ReferenceStore | None
+) -> tuple[str | None, Predictions | None, dict[str, str]]:
+    """The reference's answers key (None for a file), its predictions (None when the trial is
+    its own reference: they are the trial's own, known once it has run) and the tags that say
+    what it is and where its answers came from."""
+    assert trial.reference is not None
+    if trial.reference != EXACT_REFERENCE:
+        tags = {"reference": trial.reference, "reference_answers": "from the file"}
+        return None, read_predictions(trial.reference), tags
+    reference = exact_reference(trial)
+    key = answers_key(reference)
+    tags = {"reference": changes(trial, reference), "reference_key": key}
+    if key == answers_key(trial):
+        tags["reference"] = "this trial (every output-changing knob at its exact setting)"
+    # Answered before in this sweep (by this configuration too: its answers are then compared
+    # with the earlier run's, which is how deterministic the engine is).
+    predictions = REFERENCES.get(key) or (store.get(key) if store else None)
+    tags["reference_answers"] = "cached in this sweep"
+    if predictions is None and key == answers_key(trial):
+        return key, None, {**tags, "reference_answers": "this trial's own"}
+    if predictions is None:
+        predictions = _answer_once(reference, progress)
+        tags["reference_answers"] = "answered for this trial"
+        if store is not None:
+            store.put(key, predictions)
+    REFERENCES[key] = predictions
+    return key, predictions, tags
+
+
 def _headline(steps: list[dict[str, float]]) -> int:
     """The step a rate sweep reports as the trial's: the highest goodput, else throughput."""
     key = "goodput_rps" if "goodput_rps" in steps[0] else "tps"
@@ -206,10 +281,18 @@ def _device_tags(device: str) -> dict[str, str]:
     return tags
 
 
-def run_trial(trial: TrialConfig, progress: Progress | None = None) -> TrialResult:
-    """Measure one trial, telling `progress` its phases and answered requests."""
+def run_trial(
+    trial: TrialConfig, progress: Progress | None = None, references: ReferenceStore | None = None
+) -> TrialResult:
+    """Measure one trial, telling `progress` its phases and answered requests; with a reference
+    (`trial.reference`), compare its answers with the reference's, which `references` (a sweep's
+    store) and this process keep for the trials after it."""
     progress = progress or _Silent()
     model = check_trial(trial)
+    # Answers compared only where the trial has them: ignore_eos generates past the answer.
+    compared = trial.reference is not None and not trial.ignore_eos
+    if compared:  # first: the trial's engine then stays loaded for the next trial
+        reference_key, reference, reference_tags = _reference_answers(trial, progress, references)
     task = task_class(trial.dataset)(trial.dataset)
     samples, data_report = task.load()
     progress.phase("loading")
@@ -277,6 +360,13 @@ def run_trial(trial: TrialConfig, progress: Progress | None = None) -> TrialResu
         if len(steps) > 1
     ]
     metrics["skipped_samples"] = float(len(data_report.skipped))
+    if compared:
+        if reference is None:  # its own reference: the sweep's other trials compare with it
+            reference = REFERENCES[reference_key] = predictions
+            if references is not None:
+                references.put(reference_key, predictions)
+        metrics.update(quality_metrics(predictions, reference))
+        metrics["reference_accuracy"] = sum(r["score"] for r in reference) / len(reference)
 
     tags = {
         "engine": trial.engine.name,
@@ -298,6 +388,8 @@ def run_trial(trial: TrialConfig, progress: Progress | None = None) -> TrialResu
     tags["accuracy_metric"] = task.metric
     if trial.ignore_eos:  # the engines' texts run on past the answer, each engine differently
         tags["accuracy_metric"] = "not logged: ignore_eos=true generates past EOS"
+    if compared:
+        tags.update(reference_tags)
     if trial.model.random_weights:
         tags["random_weights"] = "random weights: accuracy is meaningless"
     skipped = [asdict(s) for s in data_report.skipped]

@@ -68,8 +68,8 @@ def parse_constraint(text: str) -> Constraint:
     try:
         number = float(bound)
     except ValueError:
-        # The vram_budget preset's bound is ${budget_gb}, which reads None until it is set.
-        hint = "; hydra/sweeper=vram_budget needs budget_gb=<GiB>" if bound == "None" else ""
+        # The presets' memory bound is ${budget_gb}, which reads None until it is set.
+        hint = "; this preset needs budget_gb=<GiB>" if bound == "None" else ""
         raise StudyError(
             f"malformed constraint '{text}': '{bound}' is not a number{hint}"
         ) from None

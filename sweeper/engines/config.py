@@ -22,6 +22,11 @@ class EngineConfig:
     def check(self, trial: Any, model: ModelInfo) -> None:
         """Refuse (ConfigError) what this engine cannot run for `trial` on `model`, before load."""
 
+    def exact(self) -> EngineConfig:
+        """This config with every output-changing knob at its exact setting (the reference a
+        trial's answers are compared with); an engine without such knobs returns itself."""
+        return self
+
     def open_load_refusal(self, trial: Any) -> str | None:
         """Why this engine cannot serve `trial`'s open load (requests sent one by one as the
         load schedules them, `Engine.submit`), or None when it can."""

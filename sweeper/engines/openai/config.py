@@ -7,7 +7,7 @@ import importlib.util
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,6 +64,11 @@ def root_url(base_url: str) -> str:
     """The server's root (where /health and /metrics are) from a base URL with or without the
     OpenAI clients' /v1."""
     return base_url.rstrip("/").removesuffix("/v1")
+
+
+# Server flags that change the answers (vLLM's and SGLang's names): a reference trial leaves
+# them out. A running server's flags are its own (the reference then runs on it as it is).
+OUTPUT_CHANGING_FLAGS = ("kv_cache_dtype", "quantization", "speculative_config")
 
 
 @dataclass
@@ -158,6 +163,15 @@ class OpenAIEngineConfig(EngineConfig):
                 self.server_args[key],
                 f"unset: sweeper sets it from {RESERVED.get(flag)}",
             )
+
+    def exact(self) -> OpenAIEngineConfig:
+        """The started server without the flags of OUTPUT_CHANGING_FLAGS."""
+        kept = {
+            key: value
+            for key, value in self.server_args.items()
+            if key.replace("-", "_") not in OUTPUT_CHANGING_FLAGS
+        }
+        return replace(self, server_args=kept)
 
     def check(self, trial: Any, model: ModelInfo) -> None:
         check(

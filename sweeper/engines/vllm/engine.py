@@ -135,6 +135,7 @@ SET_ONLY_KEYS = (
     "async_scheduling",
     "renderer_num_workers",
     "kv_cache_dtype",
+    "quantization",
 )
 
 
@@ -201,6 +202,8 @@ class VLLMEngine(Engine):
                 if getattr(engine_cfg, key) is not None
             },
         }
+        if speculative := engine_cfg.speculative_config():
+            engine_args["speculative_config"] = speculative
         if chat.info.takes_images:  # a workload sends at most one image per request
             engine_args["limit_mm_per_prompt"] = {"image": 1, "video": 0}
         self.frontend = FRONTENDS[self.frontend_name](engine_args)
@@ -233,6 +236,8 @@ class VLLMEngine(Engine):
             "vllm_memory": self.memory_note,
             "vllm_kv_cache_tokens": str((cache.num_gpu_blocks or 0) * cache.block_size),
             "vllm_kv_cache_dtype": cache.cache_dtype,
+            "vllm_quantization": str(config.model_config.quantization),
+            "vllm_speculative_config": str(config.speculative_config),
             "vllm_batch_handover": self.frontend.batch_handover,
         }
 
