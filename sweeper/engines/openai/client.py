@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-import httpx
+import aiohttp
 from PIL import Image
 
 from sweeper.engines.toolkit.timing import Marks, request_timing
@@ -179,9 +179,27 @@ def _error_message(text: str) -> str:
     return lines[0] if lines else "(no message)"
 
 
+@dataclass
+class Reply:
+    """A whole (not streamed) answer: its HTTP status and body."""
+
+    url: str
+    status: int
+    text: str
+
+    def raise_for_status(self) -> None:
+        if self.status != 200:
+            raise RequestFailed(
+                f"{self.url} answered HTTP {self.status}: {_error_message(self.text)}"
+            )
+
+
 class StreamingClient:
-    """An `httpx.AsyncClient` on an asyncio event loop that runs in a thread of its own:
-    `start` hands it a request from any thread and returns a `concurrent.futures.Future`."""
+    """An `aiohttp.ClientSession` on an asyncio event loop that runs in a thread of its own:
+    `start` hands it a request from any thread and returns a `concurrent.futures.Future`.
+    aiohttp, as `vllm bench serve` uses: with httpx's AsyncClient the same requests streamed
+    3-10x fewer tokens/s all at once and left ~0.5 s late at 14/s, at no more CPU time, on the
+    2-core CPU box (experiments/serving_load/README.md, "The client's HTTP library")."""
 
     def __init__(self, root: str, headers: dict[str, str], max_connections: int, timeout_s: float):
         self.root = root
@@ -191,16 +209,17 @@ class StreamingClient:
             target=self._loop.run_forever, name="sweeper-openai-client", daemon=True
         )
         self._thread.start()
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=None)
-        # No pool timeout: a request waiting for a connection waits, its clock running.
-        timeout = httpx.Timeout(timeout_s, pool=None)
-        self._http = self.call(self._open(root, headers, limits, timeout))
+        # No wait limit for a free connection: a request waiting for one waits, its clock
+        # running; connecting and every read each fail after timeout_s.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        self._http = self.call(self._open(headers, max_connections, timeout))
 
     @staticmethod
     async def _open(
-        root: str, headers: dict[str, str], limits: httpx.Limits, timeout: httpx.Timeout
-    ) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=root, headers=headers, limits=limits, timeout=timeout)
+        headers: dict[str, str], max_connections: int, timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0)
+        return aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout)
 
     def start(self, coroutine: Coroutine[Any, Any, _T]) -> Future[_T]:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -215,34 +234,36 @@ class StreamingClient:
             raise
 
     async def answer(self, sent: Sent) -> Completion:
-        """Stream one request's answer. A failure cancels it: httpx closes its connection, and
-        the server aborts the request."""
+        """Stream one request's answer. A failure cancels it: aiohttp closes a connection whose
+        answer was not read to its end, and the server aborts the request."""
         answer = Answer()
         headers = {"Content-Type": "application/json"}
         url = f"{self.root}{CHAT_PATH}"
         try:
-            async with self._http.stream(
-                "POST", CHAT_PATH, content=sent.body, headers=headers
-            ) as r:
-                if r.status_code != 200:
-                    text = (await r.aread()).decode(errors="replace")
+            async with self._http.post(url, data=sent.body, headers=headers) as r:
+                if r.status != 200:
+                    text = (await r.read()).decode(errors="replace")
                     raise RequestFailed(
-                        f"request {sent.request.id}: {url} answered HTTP {r.status_code}: "
+                        f"request {sent.request.id}: {url} answered HTTP {r.status}: "
                         f"{_error_message(text)}"
                     )
-                async for line in r.aiter_lines():
-                    now = time.perf_counter()
-                    data = line.removeprefix("data:").strip()
-                    if not line.startswith("data:") or data == "[DONE]":
-                        continue
-                    event = json.loads(data)
-                    if "error" in event:  # an error after the stream began (HTTP 200 sent)
-                        raise RequestFailed(
-                            f"request {sent.request.id}: {url} broke off the stream: "
-                            f"{_error_message(data)}"
-                        )
-                    answer.add(event, now)
-        except httpx.HTTPError as error:
+                pending = b""
+                async for received in r.content.iter_any():
+                    # Server-sent events, one per line; a line may span reads.
+                    *lines, pending = (pending + received).split(b"\n")
+                    for line in lines:
+                        now = time.perf_counter()
+                        data = line.removeprefix(b"data:").strip()
+                        if not line.startswith(b"data:") or data == b"[DONE]":
+                            continue
+                        event = json.loads(data)
+                        if "error" in event:  # an error after the stream began (HTTP 200 sent)
+                            raise RequestFailed(
+                                f"request {sent.request.id}: {url} broke off the stream: "
+                                f"{_error_message(data.decode(errors='replace'))}"
+                            )
+                        answer.add(event, now)
+        except (aiohttp.ClientError, TimeoutError) as error:
             raise RequestFailed(
                 f"request {sent.request.id}: {url} failed: {type(error).__name__}: {error}"
             ) from None
@@ -260,11 +281,19 @@ class StreamingClient:
             raise group.exceptions[0] from None
         return [task.result() for task in running]
 
-    async def get(self, path: str) -> httpx.Response:
-        return await self._http.get(path)
+    async def get(self, path: str) -> Reply:
+        return await self._whole("GET", path)
 
-    async def post(self, path: str) -> httpx.Response:
-        return await self._http.post(path)
+    async def post(self, path: str) -> Reply:
+        return await self._whole("POST", path)
+
+    async def _whole(self, method: str, path: str) -> Reply:
+        url = f"{self.root}{path}"
+        try:
+            async with self._http.request(method, url) as r:
+                return Reply(url, r.status, (await r.read()).decode(errors="replace"))
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise RequestFailed(f"{url} failed: {type(error).__name__}: {error}") from None
 
     def close(self) -> None:
         if self._loop.is_closed():
@@ -279,4 +308,4 @@ class StreamingClient:
         for task in left:  # streams still open (an interrupted run): closed, so aborted
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
-        await self._http.aclose()
+        await self._http.close()

@@ -220,7 +220,7 @@ class OpenAIEngine(Engine):
         assert self.client is not None
         for path in list(self._resets):
             answer = self.client.call(self.client.post(path))
-            if answer.status_code == 404:
+            if answer.status == 404:
                 self._resets.remove(path)
                 self.cache_reset = (
                     f"not reset: {self.root}{path} not found (a vLLM has it in dev mode: "
