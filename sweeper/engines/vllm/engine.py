@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import itertools
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -339,18 +340,7 @@ class VLLMEngine(Engine):
             last_token=first_token + (stats.last_token_ts - stats.first_token_ts),
             tokens=stats.num_generation_tokens,
         )
-        token_ids = [list(sequence.token_ids) for sequence in output.outputs]
-        timing = request_timing(
-            marks,
-            preprocess_s=submission.preprocess_s,
-            queue_s=stats.scheduled_ts - stats.queued_ts,
-            prefill_s=stats.first_token_ts - stats.scheduled_ts,
-            prompt_tokens=len(output.prompt_token_ids),
-            output_tokens=sum(len(ids) for ids in token_ids),
-            cached_prompt_tokens=output.num_cached_tokens or 0,
-        )
-        texts = [sequence.text for sequence in output.outputs]
-        return Completion(submission.request.id, texts, token_ids, timing)
+        return completion_of(submission, output, marks)
 
     def submit(
         self, request: Request, decoding: DecodingParams, serving: ServingParams
@@ -380,22 +370,11 @@ class VLLMEngine(Engine):
         self, submission: Submission, output: RequestOutput, arrivals: list[float]
     ) -> Completion:
         """A streamed request's completion, its times on this process's clock."""
-        stats = output.metrics
-        token_ids = [list(sequence.token_ids) for sequence in output.outputs]
-        longest = max(len(ids) for ids in token_ids)
+        longest = max(len(sequence.token_ids) for sequence in output.outputs)
         marks = Marks(submission.started, arrivals[0], arrivals[-1], longest)
-        timing = request_timing(
-            marks,
-            preprocess_s=submission.preprocess_s,
-            queue_s=stats.scheduled_ts - stats.queued_ts,
-            prefill_s=stats.first_token_ts - stats.scheduled_ts,
-            prompt_tokens=len(output.prompt_token_ids),
-            output_tokens=sum(len(ids) for ids in token_ids),
-            cached_prompt_tokens=output.num_cached_tokens or 0,
-        )
-        timing.itl_s = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-        texts = [sequence.text for sequence in output.outputs]
-        return Completion(submission.request.id, texts, token_ids, timing)
+        completion = completion_of(submission, output, marks)
+        completion.timing.itl_s = [b - a for a, b in itertools.pairwise(arrivals)]
+        return completion
 
     def generate(
         self, requests: list[Request], decoding: DecodingParams, serving: ServingParams
@@ -436,3 +415,21 @@ class VLLMEngine(Engine):
         processes.wait_or_kill(self.processes)
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def completion_of(submission: Submission, output: RequestOutput, marks: Marks) -> Completion:
+    """A finished request's completion: its marks, vLLM's own queue and prefill times, and its
+    token counts (every sequence's)."""
+    stats = output.metrics
+    token_ids = [list(sequence.token_ids) for sequence in output.outputs]
+    timing = request_timing(
+        marks,
+        preprocess_s=submission.preprocess_s,
+        queue_s=stats.scheduled_ts - stats.queued_ts,
+        prefill_s=stats.first_token_ts - stats.scheduled_ts,
+        prompt_tokens=len(output.prompt_token_ids),
+        output_tokens=sum(len(ids) for ids in token_ids),
+        cached_prompt_tokens=output.num_cached_tokens or 0,
+    )
+    texts = [sequence.text for sequence in output.outputs]
+    return Completion(submission.request.id, texts, token_ids, timing)
