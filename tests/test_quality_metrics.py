@@ -59,6 +59,9 @@ def test_one_lost_answer_out_of_four() -> None:
 
 def test_different_questions_are_refused() -> None:
     with pytest.raises(ValueError, match="different questions"):
-        answer_agreement(TRIAL[:4], REFERENCE)
+        answer_agreement(TRIAL, REFERENCE[:4])
+    # The trial's questions among the reference's (an open load's warm-up left out): compared.
+    measured = [row for row in TRIAL if row["question_id"] < 4]
+    assert answer_agreement(measured, REFERENCE) == answer_agreement(measured, REFERENCE[:4])
     with pytest.raises(ValueError, match="no predictions"):
         accuracy_delta([], [])

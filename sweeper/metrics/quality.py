@@ -26,16 +26,18 @@ Rows = Sequence[Row]
 
 
 def _paired(predictions: Rows, reference: Rows) -> list[tuple[Row, Row]]:
-    """The rows of both tables, question by question; both must hold the same questions."""
+    """The trial's rows, each with the reference's row of the same question. The reference must
+    hold every question the trial answered; it may hold more (an open load leaves its warm-up and
+    cool-down requests out of the trial's table, the reference answered them all)."""
     ours = {row["question_id"]: row for row in predictions}
     theirs = {row["question_id"]: row for row in reference}
     if not ours:
         raise ValueError("no predictions to compare with the reference")
-    if ours.keys() != theirs.keys():
-        only = sorted(map(str, ours.keys() ^ theirs.keys()))
+    missing = sorted(map(str, ours.keys() - theirs.keys()))
+    if missing:
         raise ValueError(
-            f"the trial and its reference answered different questions ({len(only)} in one only, "
-            f"e.g. {only[0]}): compare them on the same dataset, limit and seed"
+            f"the trial and its reference answered different questions ({len(missing)} not in "
+            f"the reference, e.g. {missing[0]}): compare them on the same dataset, limit and seed"
         )
     return [(ours[key], theirs[key]) for key in ours]
 
