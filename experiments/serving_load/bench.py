@@ -212,7 +212,9 @@ def main() -> None:
             assert sum(found["output_lens"]) == args.count * args.tokens, found["output_lens"]
             for key in _DETAILED + ("errors",):
                 found.pop(key, None)
-            (out / "bench" / f"{name}.json").write_text(json.dumps(found, indent=1))
+            # Paths relative to the repo: the results hold nothing of the machine they ran on.
+            saved = json.dumps(found, indent=1).replace(str(REPO) + "/", "")
+            (out / "bench" / f"{name}.json").write_text(saved)
             rows.append(bench_row(found, index, step, plan.get("rate")))
             if index == 1:
                 commands.append(shell_command(bench_args).replace(str(REPO) + "/", ""))
@@ -229,7 +231,7 @@ def main() -> None:
     run = {
         "sweeper": "python -m sweeper " + " ".join(overrides),
         "bench": commands,
-        "server": result.tags.get("openai_server_command", ""),
+        "server": result.tags.get("openai_server_command", "").replace(str(REPO) + "/", ""),
         "seconds": round(time.time() - started),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
