@@ -8,14 +8,23 @@
 - `pss_process_tree`: on CPU, the peak proportional set size (PSS) of this process and its
   children: each page counted once, however many of them map it (vLLM's frontend, engine core and
   worker share libraries and tensors: their RSS summed counted those pages up to three times,
-  31% over PSS on the tiny model). Linux's /proc/PID/smaps_rollup; where it is missing, the
-  resident set sizes summed (`rss_process_tree`).
+  31% over PSS on the tiny model). Linux's /proc/PID/smaps_rollup gives PSS, but reading it
+  walks the process's page tables in the kernel under its memory-map lock: 30-130 ms for a vLLM
+  server's processes on the 2-core box, and sampled during a run it stalled the server it
+  measured (a rate load's TTFT p99 rose from 15 to 150 ms, its mean doubled). So PSS is read only
+  where nothing is measured, when the tracker starts and stops; in between each process's RSS
+  (a counter, /proc/PID/statm) is sampled, and the tree's PSS at a sample is its RSS summed less
+  each process's shared excess (RSS - PSS: its pages other processes map too) as read at the
+  ends, the smaller of the two (a process that starts and ends in between counts its RSS). Where
+  smaps_rollup is missing (not Linux), the RSS summed
+  (`rss_process_tree`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import threading
 import time
@@ -24,8 +33,6 @@ from dataclasses import dataclass
 import psutil
 
 GB = 1024**3
-# A read of the tree's memory this short is sampled at the full rate (see PeakMemoryTracker).
-CHEAP_READ_S = 0.02
 
 
 @dataclass
@@ -60,13 +67,48 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def _tree_memory() -> tuple[int, str]:
-    """The process tree's memory in bytes and how it was read: PSS, else RSS summed."""
-    pids = _process_tree_pids()
-    pss = [_pss(pid) for pid in pids]
-    if all(size is not None for size in pss):
-        return sum(pss), "pss_process_tree"  # type: ignore[arg-type]
-    return sum(_rss(pid) for pid in pids), "rss_process_tree"
+class _TreeReader:
+    """This process tree's memory on CPU: PSS at the ends (`boundary`), RSS summed in between
+    (`sample`), less the shared excess read at the ends (the module's docstring says why)."""
+
+    # The tree's processes are listed again this often: listing reads every /proc/PID/stat of
+    # the machine (~1 ms), reading RSS ~2 us a process.
+    PIDS_EVERY_S = 0.25
+
+    def __init__(self) -> None:
+        self.source = "pss_process_tree"
+        self._pss_peak = 0
+        self._shared: dict[int, int] = {}  # pid -> RSS - PSS, the smallest read
+        self._rss_peaks: dict[frozenset[int], int] = {}  # the tree's processes -> RSS summed
+        self._pids: frozenset[int] = frozenset()
+        self._listed = -math.inf
+
+    def boundary(self) -> None:
+        pids = _process_tree_pids()
+        rss = {pid: _rss(pid) for pid in pids}
+        pss = {pid: _pss(pid) for pid in pids}
+        if any(size is None for size in pss.values()):
+            self.source = "rss_process_tree"
+            self._pss_peak = max(self._pss_peak, sum(rss.values()))
+            return
+        self._pss_peak = max(self._pss_peak, sum(pss.values()))  # type: ignore[arg-type]
+        for pid in pids:
+            excess = max(0, rss[pid] - pss[pid])  # type: ignore[operator]
+            self._shared[pid] = min(self._shared.get(pid, excess), excess)
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        if now - self._listed > self.PIDS_EVERY_S:
+            self._pids, self._listed = frozenset(_process_tree_pids()), now
+        total = sum(_rss(pid) for pid in self._pids)
+        self._rss_peaks[self._pids] = max(self._rss_peaks.get(self._pids, 0), total)
+
+    def peak(self) -> int:
+        sampled = (
+            total - sum(self._shared.get(pid, 0) for pid in pids)
+            for pids, total in self._rss_peaks.items()
+        )
+        return max([self._pss_peak, *sampled])
 
 
 def _release_freed_heap() -> None:
@@ -109,46 +151,33 @@ class _NvmlReader:
 class PeakMemoryTracker:
     """`with PeakMemoryTracker(device) as tracker: ...` then `tracker.report()`."""
 
-    def __init__(self, device: str, interval_s: float = 0.02, duty: float = 0.1):
+    def __init__(self, device: str, interval_s: float = 0.02):
         self.device = device
-        # 50 Hz at most. Reading PSS walks the page tables of every process of the tree in the
-        # kernel: ~5 ms for one process, 30-130 ms for a vLLM server's four on a shared 2-core
-        # machine. Read back to back, that took 0.6 of a core (3 s of system time in 5 s) from
-        # the CPU server it measured, holding each process's memory-map lock meanwhile: in
-        # back-to-back closed-loop runs the server answered 25-40% fewer requests/s with it.
-        # So what a read takes beyond `CHEAP_READ_S` keeps the sampler busy `duty` of the time
-        # at most (a vLLM tree on CPU: every 0.1-1 s); a single process is read at 50 Hz.
-        self.interval_s = interval_s
-        self.duty = duty
+        self.interval_s = interval_s  # 50 Hz: a read is a few microseconds a process
         self._stop = threading.Event()
         self._peak = 0
         self._samples = 0
         self._source = "pss_process_tree"
         self._nvml: _NvmlReader | None = None
+        self._tree = _TreeReader()
         self._thread: threading.Thread | None = None
 
-    def _read(self) -> int:
+    def _sample(self) -> None:
+        self._samples += 1
         if self._nvml is None:
-            size, self._source = _tree_memory()
-            return size
+            self._tree.sample()
+            return
         own = self._nvml.process_bytes()
         if own is not None:
             self._source = "nvml_process"
-            return own
-        self._source = "nvml_device_delta"
-        return self._nvml.device_rise_bytes()
-
-    def _sample(self) -> None:
-        self._peak = max(self._peak, self._read())
-        self._samples += 1
+            self._peak = max(self._peak, own)
+        else:
+            self._source = "nvml_device_delta"
+            self._peak = max(self._peak, self._nvml.device_rise_bytes())
 
     def _loop(self) -> None:
-        wait = self.interval_s
-        while not self._stop.wait(wait):
-            start = time.perf_counter()
+        while not self._stop.wait(self.interval_s):
             self._sample()
-            costly = time.perf_counter() - start - CHEAP_READ_S
-            wait = max(self.interval_s, costly * (1 / self.duty - 1))
 
     def __enter__(self) -> PeakMemoryTracker:
         _release_freed_heap()
@@ -161,6 +190,8 @@ class PeakMemoryTracker:
             # process) has no allocator statistics to reset or read.
             if torch.cuda.is_initialized():
                 torch.cuda.reset_peak_memory_stats(index)
+        else:
+            self._tree.boundary()
         self._sample()
         self._thread = threading.Thread(target=self._loop, name="sweeper-memory", daemon=True)
         self._thread.start()
@@ -171,6 +202,9 @@ class PeakMemoryTracker:
         if self._thread is not None:
             self._thread.join()
         self._sample()
+        if self._nvml is None:
+            self._tree.boundary()
+            self._peak, self._source = self._tree.peak(), self._tree.source
 
     def report(self) -> MemoryReport:
         report = MemoryReport(self._peak / GB, self._source, self._samples)
