@@ -5,8 +5,12 @@ offline run's, the client's lateness is caught, a rate sweep logs its steps."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import mlflow
@@ -19,8 +23,11 @@ from scipy import stats
 from sweeper.cli import BadInput, preflight
 from sweeper.config import SLOConfig
 from sweeper.engines import ENGINE_CACHE
+from sweeper.engines.base import Engine
+from sweeper.loads.load import drive
 from sweeper.loads.schedule import arrival_times
 from sweeper.metrics.performance import RequestTiming, summarize
+from sweeper.requests import Completion, DecodingParams, Request, ServingParams
 from sweeper.trial import run_trial
 from tests.conftest import run_cli
 
@@ -108,6 +115,56 @@ def test_loads_refused_before_anything_loads(overrides, key, allowed) -> None:
         preflight(overrides)
     message = str(error.value)
     assert "\n" not in message and f"'{key}'" in message and allowed in message, message
+
+
+class _SlowToPrepare(Engine):
+    """A pure-logic stand-in for the request loop's test: preparing a request takes 20 ms (as
+    engine=openai encodes an image), answering it nothing."""
+
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.prepared: dict[str, float] = {}
+
+    def prepare(self, request: Request, decoding: DecodingParams) -> Request:
+        time.sleep(0.02)
+        self.prepared[request.id] = time.perf_counter()
+        return request
+
+    def submit(self, request, decoding, serving) -> Future[Completion]:
+        assert request.id in self.prepared, "sent before it was prepared"
+        done: Future[Completion] = Future()
+        done.set_result(Completion(request.id, [""], [[]], RequestTiming(0, 0, 0, 0, None, 0, 0)))
+        return done
+
+    def synchronize(self) -> None: ...
+    def generate(self, requests, decoding, serving): ...
+    def close(self) -> None: ...
+
+
+def _drive(engine: Engine, requests: Iterator[Request], schedule: list[float]) -> list:
+    decoding, serving = DecodingParams(max_new_tokens=1), ServingParams()
+    run = drive(engine, requests, decoding, serving, schedule, None, lambda n: None)
+    return asyncio.run(run)
+
+
+def test_requests_are_prepared_ahead_of_their_send_times() -> None:
+    # 60 requests at 80/s: prepared one by one as they come, 20 ms each would leave them late;
+    # prepared ahead (the first ones before the clock starts), each leaves on time.
+    engine = _SlowToPrepare()
+    requests = (Request(str(index), []) for index in range(60))
+    sent = _drive(engine, requests, [index / 80 for index in range(60)])
+    assert len(sent) == 60 and all(record.completion for record in sent)
+    assert np.percentile([r.ready - r.due for r in sent], 99) < 0.01
+
+
+def test_a_request_that_fails_to_load_fails_the_load() -> None:
+    def requests() -> Iterator[Request]:
+        yield Request("0", [])
+        raise OSError("image 1 is truncated")
+
+    with pytest.raises(OSError, match="image 1 is truncated"):
+        _drive(_SlowToPrepare(), requests(), [0.0, 0.0])
 
 
 # --- open loads on real engines ------------------------------------------------------------------

@@ -27,6 +27,7 @@ import numpy as np
 REPO = Path(os.environ.get("REPO", Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(REPO))  # tests.* (the trial helpers), or another checkout's sweeper
 
+from sweeper.engines.openai.client import Sent  # noqa: E402
 from sweeper.loads.load import drive  # noqa: E402
 from sweeper.requests import DecodingParams, ServingParams  # noqa: E402
 from tests.conftest import OPENAI_VLLM, cached_engine, compose_trial, trial_requests  # noqa: E402
@@ -40,9 +41,9 @@ def on_client_loop(engine, requests, decoding, limit: int) -> str:
 
         async def one(request):
             async with slots:
-                return await engine.client.answer(
-                    engine._sent(request, decoding, time.perf_counter())
-                )
+                encoded = engine.prepare(request, decoding)
+                sent = Sent(encoded, encoded.body, time.perf_counter(), encoded.encode_s)
+                return await engine.client.answer(sent)
 
         return await asyncio.gather(*(one(request) for request in requests))
 

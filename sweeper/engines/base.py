@@ -95,6 +95,15 @@ class Engine(ABC):
         """Every request submitted as it comes, at most `serving.batch_size` running at once."""
         raise NotImplementedError(f"{type(self).__name__} has no continuous batching")
 
+    def prepare(self, request: Request, decoding: DecodingParams) -> Request:
+        """Do now what the engine's client does to a request before it sends it, and return the
+        request to `submit`: the open loads call it ahead of the request's send time, in a thread,
+        as `vllm bench serve` makes its requests before its clock starts; the time it takes is
+        the request's own (in its `preprocess_s`, not its `ttft_s`). An engine whose
+        preprocessing is the served engine's own work (rendering, image processing) has nothing
+        to do here: that work is in TTFT, as a server's is."""
+        return request
+
     def submit(
         self, request: Request, decoding: DecodingParams, serving: ServingParams
     ) -> Future[Completion]:

@@ -10,11 +10,14 @@ the measured requests, the window they span, and what the load itself observed.
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import itertools
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +46,11 @@ LOAD_METRICS = (
 # A run whose requests left this much later than scheduled (p99), and more than a tenth of the
 # mean gap between arrivals, was paced by the client, not the server.
 LAG_FLOOR_S = 0.005
+
+# Requests an open load holds prepared ahead of their send times (engine=openai: a 640x640
+# image's body is ~0.7 MB), and the threads that prepare them.
+LOOKAHEAD = 32
+PREPARE_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass
@@ -98,6 +106,79 @@ class OfflineLoad(Load):
     pass
 
 
+class Lookahead:
+    """The requests of an open load, in order, each made ready to send ahead of its send time:
+    the next one pulled in a thread (pulling decodes its images), then `Engine.prepare`d in a
+    pool of threads (engine=openai encodes its body there), at most `depth` waiting. `async with`
+    starts it; `ready()` waits until the first `depth` are prepared, before the clock starts, as
+    `vllm bench serve` makes its requests before it sends the first."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        requests: Iterator[Request],
+        decoding: DecodingParams,
+        depth: int = LOOKAHEAD,
+    ):
+        self._prepare = functools.partial(engine.prepare, decoding=decoding)
+        self._requests = requests
+        self._depth = depth
+        self._waiting: collections.deque[asyncio.Future[Request]] = collections.deque()
+        self._changed = asyncio.Condition()
+        self._pulled_all = False
+        self._error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="sweeper-prepare")
+        self._pulling: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Lookahead:
+        self._pulling = asyncio.create_task(self._pull())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._pulling is not None
+        self._pulling.cancel()
+        await asyncio.gather(self._pulling, return_exceptions=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _pull(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                async with self._changed:
+                    await self._changed.wait_for(lambda: len(self._waiting) < self._depth)
+                request = await loop.run_in_executor(None, next, self._requests, None)
+                if request is None:
+                    break
+                async with self._changed:
+                    self._waiting.append(loop.run_in_executor(self._pool, self._prepare, request))
+                    self._changed.notify_all()
+        except Exception as error:  # a sample that failed to load: raised to the sender
+            self._error = error
+        async with self._changed:
+            self._pulled_all = True
+            self._changed.notify_all()
+
+    async def ready(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self._pulled_all or len(self._waiting) >= self._depth
+            )
+            waiting = list(self._waiting)
+        await asyncio.gather(*waiting)
+
+    async def next(self) -> Request | None:
+        """The next request, prepared; None after the last."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._waiting) or self._pulled_all)
+            if not self._waiting:
+                if self._error is not None:
+                    raise self._error
+                return None
+            prepared = self._waiting.popleft()
+            self._changed.notify_all()
+        return await prepared
+
+
 async def drive(
     engine: Engine,
     requests: Iterator[Request],
@@ -108,10 +189,9 @@ async def drive(
     on_done: OnDone,
 ) -> list[Sent]:
     """Send each request when its schedule says (None: at once) and a slot of `limit` requests
-    in flight is free (None: no cap); every request's answer is awaited on its own."""
-    loop = asyncio.get_running_loop()
+    in flight is free (None: no cap); every request's answer is awaited on its own. The clock
+    starts once the first requests are prepared (`Lookahead`)."""
     slots = asyncio.Semaphore(limit) if limit else None
-    start = time.perf_counter()
     sent: list[Sent] = []
     tasks = []
 
@@ -125,21 +205,23 @@ async def drive(
             if slots is not None:
                 slots.release()
 
-    for index in itertools.count():
-        # The next request is decoded ahead, in a thread: the loop never waits on an image.
-        request = await loop.run_in_executor(None, next, requests, None)
-        if request is None:
-            break
-        due = schedule[index] if schedule is not None else None
-        if due is not None:
-            await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
-        ready = time.perf_counter() - start
-        if slots is not None:
-            await slots.acquire()
-        record = Sent(due, ready, time.perf_counter() - start)
-        sent.append(record)
-        tasks.append(asyncio.create_task(answer(record, request)))
-    await asyncio.gather(*tasks)
+    async with Lookahead(engine, requests, decoding) as ahead:
+        await ahead.ready()
+        start = time.perf_counter()
+        for index in itertools.count():
+            request = await ahead.next()
+            if request is None:
+                break
+            due = schedule[index] if schedule is not None else None
+            if due is not None:
+                await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+            ready = time.perf_counter() - start
+            if slots is not None:
+                await slots.acquire()
+            record = Sent(due, ready, time.perf_counter() - start)
+            sent.append(record)
+            tasks.append(asyncio.create_task(answer(record, request)))
+        await asyncio.gather(*tasks)
     return sent
 
 

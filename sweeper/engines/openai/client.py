@@ -1,10 +1,11 @@
 """The streaming chat-completions client behind engine=openai.
 
-A request becomes one `POST /v1/chat/completions` with `stream=true`; its body is made in the
-caller's thread (images encoded as data URLs, JSON), so that the event loop, which runs in a
-thread of its own and reads every stream, only moves bytes and stamps chunks. Times are those
-`vllm bench serve` takes on the client (vllm/benchmarks/lib/endpoint_request_func.py), on one
-clock (`time.perf_counter`), from the request's submission:
+A request becomes one `POST /v1/chat/completions` with `stream=true`; its body (images encoded
+as data URLs, JSON) is made before it is sent (`OpenAIEngine.prepare`; the open loads do it ahead
+of the schedule, in threads), so that the event loop, which runs in a thread of its own and reads
+every stream, only moves bytes and stamps chunks. Times are those `vllm bench serve` takes on the
+client (vllm/benchmarks/lib/endpoint_request_func.py), on one clock (`time.perf_counter`), from
+the request's submission with its body made (a static batch: the batch's, its bodies made after):
 - a chunk counts when it carries output: a delta's text or token ids, or a finish reason; the
   opening chunk (the role, no text) does not (vLLM sends it just before the first token's);
 - `ttft_s`: submission -> the first such chunk; `latency_s` (E2EL): -> the last one;
@@ -44,7 +45,7 @@ class RequestFailed(RuntimeError):
 
 def image_url(image: Image.Image) -> str:
     """A PNG data URL: lossless, so the server decodes the pixels sweeper's other engines get.
-    Compression level 1: the encoding is the client's own work, counted in preprocess_s."""
+    Compression level 1: the encoding is the client's own work (preprocess_s)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -93,6 +94,16 @@ def chat_body(
     if vllm_extras:
         body["return_token_ids"] = True
     return body
+
+
+@dataclass
+class EncodedRequest(Request):
+    """A request with its body made for `decoding` (`OpenAIEngine.prepare`); `encode_s`: the
+    time that took, beside the request's own `prepare_s` (its images' decode)."""
+
+    body: bytes = b""
+    decoding: DecodingParams | None = None
+    encode_s: float = 0.0
 
 
 @dataclass
