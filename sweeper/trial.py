@@ -143,11 +143,13 @@ def _requests_per_s(
     decoding: DecodingParams,
     serving: ServingParams,
     on_done: Callable[[int], None],
-) -> float:
+) -> tuple[float, float]:
+    """One timed pass over `items`: its requests/s and its requests' mean latency (E2EL)."""
     engine.reset_prefix_cache()  # each timed pass over the slice starts cold
     start = engine.now()
-    workload.run(engine, items, decoding, serving, on_done)
-    return len(items) / (engine.now() - start)
+    completions = workload.run(engine, items, decoding, serving, on_done)
+    rps = len(items) / (engine.now() - start)
+    return rps, statistics.fmean(c.timing.latency_s for c in completions)
 
 
 def _calibrate(
@@ -160,18 +162,20 @@ def _calibrate(
     on_done: Callable[[int], None],
 ) -> tuple[dict[str, float], float]:
     """batch_efficiency on `items`: batched against one at a time, interleaved `repeats` times;
-    and the median requests/s one at a time."""
+    and the median of the one-at-a-time passes' mean request latency."""
     one = replace(serving, batch_size=1)
     # An untimed pass of each shape first: its first call may compile or capture graphs, which
     # the measured run (after warm-up at batch_size) never pays.
     for shape in (serving, one):
         workload.run(engine, items, decoding, shape, on_done)
-    batched, single = [], []
+    batched, single, alone_s = [], [], []
     for _ in range(repeats):
-        batched.append(_requests_per_s(workload, engine, items, decoding, serving, on_done))
-        single.append(_requests_per_s(workload, engine, items, decoding, one, on_done))
+        batched.append(_requests_per_s(workload, engine, items, decoding, serving, on_done)[0])
+        rps, latency_s = _requests_per_s(workload, engine, items, decoding, one, on_done)
+        single.append(rps)
+        alone_s.append(latency_s)
     efficiency = batch_efficiency(batched, single, min(serving.batch_size, len(items)))
-    return efficiency, statistics.median(single)
+    return efficiency, statistics.median(alone_s)
 
 
 def _score(
@@ -311,12 +315,12 @@ def run_trial(
         workload.run(engine, warm, decoding, serving, progress.advance)
 
         efficiency = {"batch_efficiency": 1.0, "batch_speedup": 1.0}  # exact for batch_size 1
-        single_rps = math.nan
+        alone_latency_s = math.nan
         if trial.batch_size > 1 or trial.load.open:
             calibration = list(prefetch(samples[: trial.calibration_samples], depth, data_report))
             repeats = trial.calibration_repeats
             progress.phase("calibration", len(calibration) * 2 * (1 + repeats))
-            efficiency, single_rps = _calibrate(
+            efficiency, alone_latency_s = _calibrate(
                 workload, engine, calibration, decoding, serving, repeats, progress.advance
             )
 
@@ -339,10 +343,12 @@ def run_trial(
     steps = [combine_repeats([run[index][0] for run in scored]) for index in range(len(runs[0]))]
     headline = _headline(steps)
     metrics, predictions = steps[headline], scored[-1][headline][1]
-    if trial.load.open:  # batching under load: requests/s against the requests in flight
-        metrics["batch_efficiency"] = metrics["requests_per_s"] / (
-            metrics["requests_in_flight"] * single_rps
-        )
+    if trial.load.open:
+        # Batching under load: a request's latency alone against in flight. By Little's law
+        # requests/s / (requests in flight x 1 / latency alone). Not the one-at-a-time pass's
+        # requests/s: its window also holds the client's turn-around between requests, which
+        # made the ratio exceed 1 where the server was not loaded.
+        metrics["batch_efficiency"] = alone_latency_s / metrics["latency_s"]
     else:
         metrics.update(efficiency)
     report = memory.report()

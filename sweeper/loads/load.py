@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import gc
 import itertools
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,6 +227,21 @@ async def drive(
     return sent
 
 
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The objects alive before the run left out of the garbage collector's full collections
+    during it, as `vllm bench serve` freezes its heap before it sends (vllm.utils.gc_utils):
+    a trial's process holds millions of objects (the tokenizer, vLLM, MLflow), and one full
+    collection of them took 120-365 ms on the 2-core box, every thread of the client stopped
+    meanwhile: requests left up to 1.5 s late at 30/s, streams were read in bursts."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class OpenLoad(Load):
     """What `concurrency` and `rate` share: requests sent one by one through `Engine.submit`,
     the warm-up and cool-down requests left out of every metric."""
@@ -251,7 +268,7 @@ class OpenLoad(Load):
         requests = (workload.request(item) for item in items)
         client = psutil.Process()
         cpu = client.cpu_times()
-        with engine.own_metrics() as own:
+        with engine.own_metrics() as own, frozen_heap():
             run = drive(engine, requests, decoding, serving, schedule, limit, on_done)
             sent = asyncio.run(run)
         used = client.cpu_times()

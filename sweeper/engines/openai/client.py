@@ -5,7 +5,7 @@ as data URLs, JSON) is made before it is sent (`OpenAIEngine.prepare`; the open 
 of the schedule, in threads), so that the event loop, which runs in a thread of its own and reads
 every stream, only moves bytes and stamps chunks. Times are those `vllm bench serve` takes on the
 client (vllm/benchmarks/lib/endpoint_request_func.py), on one clock (`time.perf_counter`), from
-the request's submission with its body made (a static batch: the batch's, its bodies made after):
+the request's sending, its body made (in every mode: TTFT runs from the POST, as bench's):
 - a chunk counts when it carries output: a delta's text or token ids, or a finish reason; the
   opening chunk (the role, no text) does not (vLLM sends it just before the first token's);
 - `ttft_s`: submission -> the first such chunk; `latency_s` (E2EL): -> the last one;

@@ -10,8 +10,8 @@ otherwise.
 Requests (sweeper/engines/openai/client.py): each one a streamed `POST /v1/chat/completions`;
 the server renders the chat with the model's template and processes the images itself.
 - `generate`: a static batch, every request's body made first (the batch's preprocessing, as
-  engine=vllm renders a whole batch before handing it over), then all sent at once; the clock
-  of each starts with the batch.
+  engine=vllm renders a whole batch before handing it over: in each one's preprocess_s), then
+  all sent at once; the clock of each starts as they are sent.
 - `run` under continuous batching: every request sent as it comes, the server schedules them
   (at most its max_num_seqs at once); batch_size 1 (the calibration's reference) sends one at a
   time.
@@ -266,9 +266,10 @@ class OpenAIEngine(Engine):
         assert self.client is not None
         start = time.perf_counter()
         encoded = [self.prepare(request, decoding) for request in requests]
-        batch_s = time.perf_counter() - start
-        # Each request's clock starts with the batch: it waited for the whole batch's bodies.
-        batch = [Sent(e, e.body, start, e.prepare_s + batch_s) for e in encoded]
+        sent = time.perf_counter()
+        # Every request waited for the whole batch's bodies (its preprocess_s); their clocks
+        # start as they are sent together, as under the open loads, where bodies are made ahead.
+        batch = [Sent(e, e.body, sent, e.prepare_s + sent - start) for e in encoded]
         return self.client.call(self.client.answer_together(batch))
 
     def run_continuous(
