@@ -65,13 +65,14 @@ MEASURE_ALL = ("load.warmup=0", "load.cooldown=0")
 #   due), 0.96-1.07 of bench's (bench's window also holds the wait before its first request,
 #   1/32 of it): within 15%, and the rate x 32 tokens within 15%;
 # - output throughput under a closed loop of 4: the server's speed, 0.36-1.2 of bench's, and
-#   below 1 in all but one pair: sweeper's client turns a request around slower (each request
-#   crosses from the load's event loop to the client's, a thread each: 20-50 ms on this loaded
-#   machine; bench runs one loop). Within a factor 3;
+#   below 1 in all but one pair, then; since requests are made ahead and the heap is frozen
+#   (experiments/serving_load/README.md), 0.94-0.99 in the runs of 2026-12-04. Within a
+#   factor 3: the server stalls for 0.3-0.6 s at times under either client;
 # - TTFT: 10-450 ms in either client. At 4/s the pair's ratio of means 0.9-3.5, of medians
-#   0.5-9 (bench's medians of 12-20 ms against sweeper's up to 127 ms); under the closed loop
-#   1.5-3.7 (the crossing above). Within a factor 4 plus 100 ms (a burst of another process's
-#   work delays a stream that much here);
+#   0.5-9 (bench's medians of 12-20 ms against sweeper's up to 127 ms, then; one cause, the memory
+#   sampler's page-table walks stalled the server; 2026-12-04: medians 14-15 ms against
+#   bench's 13-15); under the closed loop 1.5-3.7 (0.9-1.0 now). Within a factor 4 plus 100 ms
+#   (a stall delays a stream that much here), and a pair that disagrees is measured once more;
 # - TPOT: the tiny model's tokens come in bursts (the API server sends what the engine made
 #   since its last send: a median gap of 5 us between chunks), so the mean TPOT is how many
 #   streams were split, 0.1-15 ms in either client: compared within 30 ms.

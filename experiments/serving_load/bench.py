@@ -157,6 +157,8 @@ def main() -> None:
     args = parser.parse_args()
     out: Path = args.out
     (out / "bench").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "bench").glob("*.json"):  # an earlier run's steps had other rates
+        stale.unlink()
 
     overrides = [
         *(OPENAI_VLLM[:2] if args.vllm_defaults else OPENAI_VLLM),

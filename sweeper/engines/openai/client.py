@@ -37,6 +37,11 @@ from sweeper.requests import Completion, DecodingParams, Request
 
 _T = TypeVar("_T")
 CHAT_PATH = "/v1/chat/completions"
+# An idle connection is closed by the client before the server closes it: uvicorn (vLLM's,
+# SGLang's server) closes one after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), and a request
+# written as it did failed with "Can not write request body" after the pause between two steps
+# of a rate sweep (aiohttp keeps one 15 s).
+IDLE_CONNECTION_S = 2.0
 
 
 class RequestFailed(RuntimeError):
@@ -229,7 +234,9 @@ class StreamingClient:
     async def _open(
         headers: dict[str, str], max_connections: int, timeout: aiohttp.ClientTimeout
     ) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0)
+        connector = aiohttp.TCPConnector(
+            limit=max_connections, limit_per_host=0, keepalive_timeout=IDLE_CONNECTION_S
+        )
         return aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout)
 
     def start(self, coroutine: Coroutine[Any, Any, _T]) -> Future[_T]:
