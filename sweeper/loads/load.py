@@ -128,7 +128,7 @@ class Lookahead:
         self._waiting: collections.deque[asyncio.Future[Request]] = collections.deque()
         self._changed = asyncio.Condition()
         self._pulled_all = False
-        self._error: BaseException | None = None
+        self._error: Exception | None = None
         self._pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="sweeper-prepare")
         self._pulling: asyncio.Task[None] | None = None
 
@@ -233,7 +233,8 @@ def frozen_heap() -> Iterator[None]:
     during it, as `vllm bench serve` freezes its heap before it sends (vllm.utils.gc_utils):
     a trial's process holds millions of objects (the tokenizer, vLLM, MLflow), and one full
     collection of them took 120-365 ms on the 2-core box, every thread of the client stopped
-    meanwhile: requests left up to 1.5 s late at 30/s, streams were read in bursts."""
+    meanwhile. (It was not what made the client late at times at middle rates there:
+    experiments/serving_load/README.md.)"""
     gc.collect()
     gc.freeze()
     try:

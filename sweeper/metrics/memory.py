@@ -15,9 +15,8 @@
   where nothing is measured, when the tracker starts and stops; in between each process's RSS
   (a counter, /proc/PID/statm) is sampled, and the tree's PSS at a sample is its RSS summed less
   each process's shared excess (RSS - PSS: its pages other processes map too) as read at the
-  ends, the smaller of the two (a process that starts and ends in between counts its RSS). Where
-  smaps_rollup is missing (not Linux), the RSS summed
-  (`rss_process_tree`).
+  ends, the smaller of the two (a process that starts and ends in between counts its RSS).
+  Where smaps_rollup is missing (not Linux), the RSS summed (`rss_process_tree`).
 """
 
 from __future__ import annotations

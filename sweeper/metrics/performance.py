@@ -18,7 +18,10 @@ Per request (one question; with num_samples > 1, all its sequences), the same in
   host (device synchronised): preprocess + queue + prefill. Submission is when the engine receives
   the request's batch (static batching) or the request (continuous batching); queueing behind
   other batches is not included for static batches, since a static server would not have
-  accepted the request yet.
+  accepted the request yet. engine=openai submits a request by POSTing it, its body made: the
+  client's encoding of it (images as data URLs) is made before, like the image decode (ahead
+  of the send time under the open loads, `Engine.prepare`), and lies in `preprocess_s` only,
+  as `vllm bench serve` times its requests from the POST.
 - `tpot_s`: (time of the last token - time of the first token) / (tokens - 1) over the request's
   longest sequence; requests with a single output token have none.
 - `output_tokens`: generated tokens of all returned sequences, up to and including the EOS token,
